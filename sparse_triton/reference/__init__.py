@@ -1,0 +1,9 @@
+"""Pure-torch twins of the kernel launchers: same signatures, obviously-right code.
+
+They are the test oracle and the CPU path (``ops/`` falls back to them where no kernel can run).
+"""
+
+from .nm_matmul import nm_matmul_bwd_dx, nm_matmul_fwd, nm_weight_grad
+from .nm_prune import nm_prune_compress
+
+__all__ = ["nm_matmul_bwd_dx", "nm_matmul_fwd", "nm_prune_compress", "nm_weight_grad"]

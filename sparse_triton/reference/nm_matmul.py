@@ -1,0 +1,32 @@
+"""Pure-torch twin of ``kernels.nm_matmul``: the N:M linear forward and its gradients."""
+
+from __future__ import annotations
+
+import torch
+
+from ..formats.nm import NMTensor
+
+
+def _dense(values: torch.Tensor, indices: torch.Tensor, n: int, m: int, K: int) -> torch.Tensor:
+    return NMTensor(values, indices, (values.shape[0], K), n, m).to_dense()
+
+
+def nm_matmul_fwd(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias: torch.Tensor | None,
+                  n: int, m: int, K: int) -> torch.Tensor:
+    """``y[M, N] = x[M, K] @ W^T (+ bias)`` with ``W[N, K]`` given compressed (N:M along K)."""
+    return torch.nn.functional.linear(x, _dense(values, indices, n, m, K), bias)
+
+
+def nm_matmul_bwd_dx(dy: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                     n: int, m: int, K: int) -> torch.Tensor:
+    """``dx[M, K] = dy[M, N] @ W`` with ``W[N, K]`` given compressed (N:M along K)."""
+    return dy @ _dense(values, indices, n, m, K)
+
+
+def nm_weight_grad(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor,
+                   n: int, m: int, K: int) -> torch.Tensor:
+    """Gradient of the compressed values: ``(dy^T @ x)`` at the kept positions, shaped like values."""
+    dw = dy.t() @ x  # [N, K]
+    S = NMTensor.slots_for(K, n, m)
+    proto = NMTensor(dw.new_empty(dw.shape[0], S), indices, dw.shape, n, m)
+    return proto.gather(dw)

@@ -1,0 +1,21 @@
+"""Pure-torch twin of ``kernels.nm_prune``: dense rows -> N:M compressed (values, packed indices)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..formats.nm import _grouped, _mask_last, pack_indices
+
+
+def nm_prune_compress(w: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compress ``w[R, K]`` along its last dim: ``values[R, S]`` (``w.dtype``), ``indices[R, W]`` (int32).
+
+    ``S = ceil(K / m) * n`` and ``W = ceil(S / P)``; layout in ``sparse_triton.formats.nm``.
+    """
+    R = w.shape[0]
+    keep = _mask_last(w, n, m)  # [R, G, m]
+    G = keep.shape[1]
+    # Kept positions in ascending order: a stable sort puts the kept ones first, in position order.
+    order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., :n]  # [R, G, n]
+    values = _grouped(w, m, 0).gather(-1, order).reshape(R, G * n)
+    return values.contiguous(), pack_indices(order.reshape(R, G * n), m)
