@@ -1,0 +1,118 @@
+"""Fused N:M prune + compress: dense ``W[R, K]`` -> ``values[R, S]`` + bit-packed ``indices[R, Wd]``.
+
+One read of the dense weight and one write of the compressed form (layout and selection rule in
+``sparse_triton.formats.nm``: the ``n`` largest magnitudes per group, ties to the lower index, NaN
+above everything). It runs every training step for dynamic-mask methods, so it stays a single pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..formats.nm import index_bits, indices_per_word
+
+
+@triton.jit
+def _nm_prune_kernel(p_w, p_val, p_idx, R, K, G, Wd,
+                     stride_wr, stride_wk, stride_vr, stride_ir,
+                     NN: tl.constexpr, MM: tl.constexpr, MP: tl.constexpr, BITS: tl.constexpr,
+                     BR: tl.constexpr, BG: tl.constexpr, BWP: tl.constexpr):
+    """Compress rows ``[i_r * BR, +BR)`` x groups ``[i_g * BG, +BG)``.
+
+    p_w: dense ``[R, K]`` (any strides); p_val: values ``[R, G * NN]`` (row stride ``stride_vr``);
+    p_idx: int32 words ``[R, Wd]`` (row stride ``stride_ir``). ``BG * NN`` is a multiple of the
+    positions per word, so every program writes whole words and no two programs share one.
+    MP is MM rounded up to a power of two; BWP the words per program rounded up likewise.
+    """
+    PER: tl.constexpr = 32 // BITS
+    BW: tl.constexpr = BG * NN // PER
+    i_r = tl.program_id(0)
+    i_g = tl.program_id(1)
+    o_r = i_r * BR + tl.arange(0, BR)
+    o_g = i_g * BG + tl.arange(0, BG)
+    o_e = tl.arange(0, MP)
+    m_r = o_r < R
+    o_k = o_g[:, None] * MM + o_e[None, :]  # [BG, MP]
+    m_k = (o_e < MM)[None, :] & (o_k < K)
+    m_w = m_r[:, None, None] & m_k[None, :, :]
+    b_w = tl.load(p_w + o_r[:, None, None] * stride_wr + o_k[None, :, :] * stride_wk,
+                  mask=m_w, other=0.0)  # [BR, BG, MP]
+    # Magnitudes as fp32 bit patterns: integer order == magnitude order, NaN above inf, -0 == 0.
+    # Padding (past K, or past MM inside a rounded-up group) gets -1 and loses to every real element.
+    b_key = tl.where(m_w, tl.abs(b_w.to(tl.float32)).to(tl.int32, bitcast=True), -1)
+    # rank = how many group members beat this one (larger key, or equal key at a lower position).
+    k_me = b_key[:, :, :, None]
+    k_other = b_key[:, :, None, :]
+    lower = (o_e[None, :] < o_e[:, None])[None, None, :, :]  # other position < my position
+    beats = (k_other > k_me) | ((k_other == k_me) & lower)  # [BR, BG, MP, MP]
+    rank = tl.sum(beats.to(tl.int32), axis=3)  # [BR, BG, MP]
+    kept = (rank < NN) & (o_e < MM)[None, None, :] & (o_g < G)[None, :, None]
+    b_kept = kept.to(tl.int32)
+    slot = tl.cumsum(b_kept, axis=2) - b_kept  # kept elements before this one in its group
+    o_j = o_g[None, :, None] * NN + slot  # slot in the row
+    tl.store(p_val + o_r[:, None, None] * stride_vr + o_j, b_w, mask=kept & m_r[:, None, None])
+    # Pack positions: slot j goes to word j // PER at bit (j % PER) * BITS. Contributions to one
+    # word are disjoint bit fields, so their sum is their bitwise or (int32 wrap-around included).
+    o_jl = o_j - i_g * BG * NN  # slot within this program's whole words
+    b_part = tl.where(kept, o_e[None, None, :] << ((o_jl % PER) * BITS), 0)
+    b_wl = tl.where(kept, o_jl // PER, -1)
+    b_part = tl.reshape(b_part, [BR, BG * MP])
+    b_wl = tl.reshape(b_wl, [BR, BG * MP])
+    o_w = tl.arange(0, BWP)
+    b_words = tl.sum(tl.where(b_wl[:, None, :] == o_w[None, :, None], b_part[:, None, :], 0), axis=2)
+    o_wg = i_g * BW + o_w
+    tl.store(p_idx + o_r[:, None] * stride_ir + o_wg[None, :], b_words,
+             mask=m_r[:, None] & ((o_w < BW) & (o_wg < Wd))[None, :])
+
+
+@dataclass(frozen=True)
+class NMPruneConfig:
+    """Rows per program; the groups per program follow from the pattern (whole index words)."""
+
+    BR: int
+    num_warps: int = 4
+
+
+def _groups_per_program(m: int) -> int:
+    # One program covers indices_per_word(m) groups: n whole words whatever n is.
+    return indices_per_word(m)
+
+
+def heuristic_config(n: int, m: int) -> NMPruneConfig:
+    """Rows per program so that the [BR, BG, MP, MP] rank tile stays around 4k elements."""
+    MP = triton.next_power_of_2(m)
+    per_row = _groups_per_program(m) * MP * MP
+    fit = max(1, min(32, 4096 // per_row))
+    return NMPruneConfig(BR=1 << (fit.bit_length() - 1))  # largest power of two <= fit
+
+
+def nm_prune_compress(w: torch.Tensor, n: int, m: int,
+                      config: NMPruneConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compress ``w[R, K]`` along its last dim: ``values[R, S]`` (``w.dtype``), ``indices[R, Wd]`` (int32).
+
+    ``S = ceil(K / m) * n``, ``Wd = ceil(S / P)``. ``w`` may have any strides; fp16, bf16, fp32.
+    """
+    if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"nm_prune_compress: kernels support float16, bfloat16 and float32, got {w.dtype}")
+    R, K = w.shape
+    G = triton.cdiv(K, m)
+    S = G * n
+    Wd = triton.cdiv(S, indices_per_word(m))
+    values = torch.empty((R, S), dtype=w.dtype, device=w.device)
+    indices = torch.empty((R, Wd), dtype=torch.int32, device=w.device)
+    if R == 0 or K == 0:
+        return values, indices
+    cfg = config or heuristic_config(n, m)
+    BG = _groups_per_program(m)
+    BW = BG * n // indices_per_word(m)
+    grid = (triton.cdiv(R, cfg.BR), triton.cdiv(G, BG))
+    _nm_prune_kernel[grid](
+        w, values, indices, R, K, G, Wd,
+        w.stride(0), w.stride(1), values.stride(0), indices.stride(0),
+        NN=n, MM=m, MP=triton.next_power_of_2(m), BITS=index_bits(m),
+        BR=cfg.BR, BG=BG, BWP=triton.next_power_of_2(BW), num_warps=cfg.num_warps)
+    return values, indices

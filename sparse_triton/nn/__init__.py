@@ -1,0 +1,5 @@
+"""Drop-in sparse modules."""
+
+from .linear import SparseLinear
+
+__all__ = ["SparseLinear"]
