@@ -285,6 +285,14 @@ def _check_launch(a: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, 
         raise ValueError(f"{where}: values and indices must have a unit stride along their last dim")
 
 
+def _output(out: torch.Tensor | None, shape: tuple[int, int], like: torch.Tensor, where: str) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    if tuple(out.shape) != shape or out.dtype != like.dtype or out.device != like.device or not out.is_contiguous():
+        raise ValueError(f"{where}: out must be a contiguous {like.dtype} tensor of shape {shape} on {like.device}")
+    return out
+
+
 def _finish_split(ws: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, N: int) -> None:
     MN = out.numel()
     BLOCK = 1024
@@ -294,16 +302,18 @@ def _finish_split(ws: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
 
 
 def nm_matmul_fwd(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias: torch.Tensor | None,
-                  n: int, m: int, K: int, config: NMMatmulConfig | None = None) -> torch.Tensor:
+                  n: int, m: int, K: int, config: NMMatmulConfig | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """``y[M, N] = x[M, K] @ W^T (+ bias)`` with ``W[N, K]`` compressed as (values, indices), n:m along K.
 
-    ``x`` may have any strides. Returns a new contiguous ``[M, N]`` tensor of ``x.dtype``.
+    ``x`` may have any strides. Writes ``out`` (contiguous ``[M, N]``, ``x.dtype``) when given, else a
+    new tensor, and returns it.
     """
     _check_launch(x, values, indices, "nm_matmul_fwd")
     M = x.shape[0]
     N = values.shape[0]
     G = triton.cdiv(K, m)
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    y = _output(out, (M, N), x, "nm_matmul_fwd")
     if M == 0 or N == 0:
         return y
     if K == 0:
@@ -326,15 +336,17 @@ def nm_matmul_fwd(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, 
 
 
 def nm_matmul_bwd_dx(dy: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
-                     n: int, m: int, K: int, config: NMMatmulConfig | None = None) -> torch.Tensor:
+                     n: int, m: int, K: int, config: NMMatmulConfig | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """``dx[M, K] = dy[M, N] @ W`` with ``W[N, K]`` compressed as (values, indices), n:m along K.
 
-    ``dy`` may have any strides. Returns a new contiguous ``[M, K]`` tensor of ``dy.dtype``.
+    ``dy`` may have any strides. Writes ``out`` (contiguous ``[M, K]``, ``dy.dtype``) when given, else a
+    new tensor, and returns it.
     """
     _check_launch(dy, values, indices, "nm_matmul_bwd_dx")
     M, N = dy.shape
     G = triton.cdiv(K, m)
-    dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
+    dx = _output(out, (M, K), dy, "nm_matmul_bwd_dx")
     if M == 0 or K == 0:
         return dx
     if N == 0:

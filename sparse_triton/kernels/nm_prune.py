@@ -91,10 +91,12 @@ def heuristic_config(n: int, m: int) -> NMPruneConfig:
 
 
 def nm_prune_compress(w: torch.Tensor, n: int, m: int,
-                      config: NMPruneConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      config: NMPruneConfig | None = None,
+                      out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Compress ``w[R, K]`` along its last dim: ``values[R, S]`` (``w.dtype``), ``indices[R, Wd]`` (int32).
 
     ``S = ceil(K / m) * n``, ``Wd = ceil(S / P)``. ``w`` may have any strides; fp16, bf16, fp32.
+    ``out=(values, indices)`` writes into existing contiguous tensors (e.g. a module's own storage).
     """
     if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"nm_prune_compress: kernels support float16, bfloat16 and float32, got {w.dtype}")
@@ -102,8 +104,15 @@ def nm_prune_compress(w: torch.Tensor, n: int, m: int,
     G = triton.cdiv(K, m)
     S = G * n
     Wd = triton.cdiv(S, indices_per_word(m))
-    values = torch.empty((R, S), dtype=w.dtype, device=w.device)
-    indices = torch.empty((R, Wd), dtype=torch.int32, device=w.device)
+    if out is None:
+        values = torch.empty((R, S), dtype=w.dtype, device=w.device)
+        indices = torch.empty((R, Wd), dtype=torch.int32, device=w.device)
+    else:
+        values, indices = out
+        for name, t, shape, dt in (("values", values, (R, S), w.dtype), ("indices", indices, (R, Wd), torch.int32)):
+            if tuple(t.shape) != shape or t.dtype != dt or t.device != w.device or not t.is_contiguous():
+                raise ValueError(f"nm_prune_compress: out {name} must be a contiguous {dt} tensor of shape "
+                                 f"{shape} on {w.device}")
     if R == 0 or K == 0:
         return values, indices
     cfg = config or heuristic_config(n, m)

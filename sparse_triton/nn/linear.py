@@ -11,6 +11,9 @@ from ..formats.nm import NMSparsity, NMTensor, indices_per_word, nm_compress
 from ..ops.nm_linear import _check_input, linear_compressed
 
 
+TWO_FOUR = NMSparsity(2, 4)
+
+
 class SparseLinear(nn.Module):
     """``y = x @ W^T + b`` with ``W[out_features, in_features]`` N:M sparse along ``in_features``.
 
@@ -26,7 +29,7 @@ class SparseLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 sparsity: NMSparsity = NMSparsity(2, 4), device=None, dtype=None):
+                 sparsity: NMSparsity = TWO_FOUR, device=None, dtype=None):
         super().__init__()
         if not isinstance(sparsity, NMSparsity):
             raise TypeError(f"SparseLinear: sparsity must be an NMSparsity, got {type(sparsity).__name__}")
@@ -47,7 +50,7 @@ class SparseLinear(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, sparsity: NMSparsity = NMSparsity(2, 4)) -> SparseLinear:
+    def from_dense(cls, linear: nn.Linear, sparsity: NMSparsity = TWO_FOUR) -> SparseLinear:
         """Prune ``linear.weight`` to N:M by magnitude and compress it; the bias is copied."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"SparseLinear.from_dense: expected an nn.Linear, got {type(linear).__name__}")

@@ -7,10 +7,12 @@ import torch
 from ..formats.nm import _grouped, _mask_last, pack_indices
 
 
-def nm_prune_compress(w: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+def nm_prune_compress(w: torch.Tensor, n: int, m: int, config=None,
+                      out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Compress ``w[R, K]`` along its last dim: ``values[R, S]`` (``w.dtype``), ``indices[R, W]`` (int32).
 
-    ``S = ceil(K / m) * n`` and ``W = ceil(S / P)``; layout in ``sparse_triton.formats.nm``.
+    ``S = ceil(K / m) * n`` and ``W = ceil(S / P)``; layout in ``sparse_triton.formats.nm``. ``config``
+    is accepted for signature parity with the kernel launcher and ignored.
     """
     R = w.shape[0]
     keep = _mask_last(w, n, m)  # [R, G, m]
@@ -18,4 +20,9 @@ def nm_prune_compress(w: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, to
     # Kept positions in ascending order: a stable sort puts the kept ones first, in position order.
     order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., :n]  # [R, G, n]
     values = _grouped(w, m, 0).gather(-1, order).reshape(R, G * n)
-    return values.contiguous(), pack_indices(order.reshape(R, G * n), m)
+    values, indices = values.contiguous(), pack_indices(order.reshape(R, G * n), m)
+    if out is not None:
+        out[0].copy_(values)
+        out[1].copy_(indices)
+        return out
+    return values, indices
