@@ -10,7 +10,6 @@ from torch import nn
 from ..formats.nm import NMSparsity, NMTensor, indices_per_word, nm_compress
 from ..ops.nm_linear import _check_input, linear_compressed
 
-
 TWO_FOUR = NMSparsity(2, 4)
 
 
