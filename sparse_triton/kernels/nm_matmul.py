@@ -366,3 +366,43 @@ def nm_matmul_bwd_dx(dy: torch.Tensor, values: torch.Tensor, indices: torch.Tens
     if cfg.SPLIT > 1:
         _finish_split(out, None, dx, K)
     return dx
+
+
+# --------------------------------------------------------------------------------------------------
+# ahead-of-time compile check (tests/compile_sm90.py)
+
+_PATTERNS = ((2, 4), (1, 4), (2, 8), (4, 8), (3, 8), (8, 16), (1, 2))
+_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+
+
+def compile_variants():
+    """Yield ``(label, kernel, signature, constexprs, options)`` for every config x dtype, and every
+    pattern on one dot and one broadcast-sum config, for both kernels."""
+    pattern_cfgs = {CONFIGS[0], CONFIGS[7]}
+    for kname, kern in (("fwd", _nm_fwd_kernel), ("bwd_dx", _nm_bwd_dx_kernel)):
+        for cfg in (*CONFIGS, INTERPRET_CONFIG):
+            for dtype, ptr in _PTR.items():
+                patterns = _PATTERNS if (cfg in pattern_cfgs and dtype == torch.float16) else ((2, 4),)
+                for n, m in patterns:
+                    out_ptr = ptr if cfg.SPLIT == 1 else "*fp32"
+                    if kname == "fwd":
+                        sig = {"p_x": ptr, "p_val": ptr, "p_idx": "*i32", "p_b": ptr, "p_y": out_ptr}
+                        names = ("M", "N", "K", "G", "stride_xm", "stride_xk", "stride_vr", "stride_ir",
+                                 "stride_ym", "stride_ys")
+                        flags = {"HAS_BIAS": True}
+                    else:
+                        sig = {"p_dy": ptr, "p_val": ptr, "p_idx": "*i32", "p_dx": out_ptr}
+                        names = ("M", "N", "K", "G", "stride_dym", "stride_dyn", "stride_vr", "stride_ir",
+                                 "stride_dxm", "stride_dxs")
+                        flags = {}
+                    sig.update(dict.fromkeys(names, "i32"))
+                    const = {**flags, "SPLIT": cfg.SPLIT, "USE_DOT": cfg.USE_DOT, "BM": cfg.BM, "BN": cfg.BN,
+                             "BK": cfg.BK, "GROUP_M": cfg.GROUP_M, "NN": n, "MM": m, "BITS": index_bits(m),
+                             "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+                    label = f"nm_matmul.{kname} {cfg} {str(dtype)[6:]} {n}:{m}"
+                    yield label, kern, sig, const, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    for dtype, ptr in _PTR.items():
+        for has_bias in (False, True):
+            sig = {"p_ws": "*fp32", "p_b": ptr, "p_y": ptr, "MN": "i32", "N": "i32", "SPLIT": "i32"}
+            yield (f"nm_matmul.split_reduce {str(dtype)[6:]} bias={has_bias}", _split_reduce_kernel, sig,
+                   {"HAS_BIAS": has_bias, "BLOCK": 1024}, {"num_warps": 4})

@@ -125,3 +125,20 @@ def nm_prune_compress(w: torch.Tensor, n: int, m: int,
         NN=n, MM=m, MP=triton.next_power_of_2(m), BITS=index_bits(m),
         BR=cfg.BR, BG=BG, BWP=triton.next_power_of_2(BW), num_warps=cfg.num_warps)
     return values, indices
+
+
+def compile_variants():
+    """Yield ``(label, kernel, signature, constexprs, options)``: every m in 2..16 at n = 1, m // 2 and
+    m - 1 in fp16, and 2:4, 2:8, 8:16 in bf16 and fp32."""
+    ptrs = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+    cases = [(torch.float16, n, m) for m in range(2, 17) for n in sorted({1, m // 2, m - 1})]
+    cases += [(dt, n, m) for dt in (torch.bfloat16, torch.float32) for n, m in ((2, 4), (2, 8), (8, 16))]
+    for dtype, n, m in cases:
+        ptr = ptrs[dtype]
+        sig = {"p_w": ptr, "p_val": ptr, "p_idx": "*i32"}
+        sig.update(dict.fromkeys(("R", "K", "G", "Wd", "stride_wr", "stride_wk", "stride_vr", "stride_ir"), "i32"))
+        cfg = heuristic_config(n, m)
+        BG = _groups_per_program(m)
+        const = {"NN": n, "MM": m, "MP": triton.next_power_of_2(m), "BITS": index_bits(m), "BR": cfg.BR,
+                 "BG": BG, "BWP": triton.next_power_of_2(BG * n // indices_per_word(m))}
+        yield f"nm_prune {str(dtype)[6:]} {n}:{m} BR={cfg.BR}", _nm_prune_kernel, sig, const, {"num_warps": cfg.num_warps}

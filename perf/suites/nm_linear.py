@@ -1,0 +1,542 @@
+"""N:M weight-sparse linear (``st.nm_linear``) against dense cuBLAS and PyTorch's 2:4 semi-structured.
+
+Run from the repository root on a GPU machine::
+
+    PYTHONPATH=. python -m perf.suites.nm_linear --quick            # Llama-3-8B shapes, fp16, < 4 min
+    PYTHONPATH=. python -m perf.suites.nm_linear                    # + Llama-3-70B shapes, bf16, M=16384
+    PYTHONPATH=. python -m perf.suites.nm_linear --shapes 4096x4096 --tokens 1 16 --patterns 2:4
+
+For every case (shape, tokens M, pattern N:M, dtype) one random weight is pruned and compressed with
+``st.nm_compress``; its dense form (``to_dense()``, the pruned weight) is the dense baseline's weight, so
+all implementations compute the same function. Each implementation is checked against an fp32
+reference (relative error recorded; sparse_triton above 1e-2 fails the suite), then timed:
+
+* ``dense``: ``F.linear(x, w_pruned_dense)`` -- cuBLAS, the layer a user would otherwise run;
+* ``sparse_triton``: ``st.nm_linear(x, w_nm)`` on the compressed weight;
+* ``torch_semi_structured`` (2:4 only): ``F.linear(x, to_sparse_semi_structured(w))`` -- cuSPARSELt or
+  CUTLASS; recorded as ``unsupported``/``unavailable`` with the reason where PyTorch refuses it.
+
+Small M (``--graph-max-m``, default 64) is timed with CUDA graphs over rotated weight copies; larger M
+with CUDA events and an L2 flush per call (see perf/harness.py). Results:
+``<out>/<gpu-slug>/nm_linear.json``; ``python perf/plot.py`` draws speedup against M.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import re
+import sys
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from perf.harness import (
+    Budget,
+    PlotSpec,
+    ResultWriter,
+    Timing,
+    add_common_args,
+    bench,
+    format_table,
+    gbps,
+    relative_error,
+    require_gpu,
+    rotation_count,
+    tensor_bytes,
+    tflops,
+)
+
+SUITE = "nm_linear"
+REL_TOL = 1e-2
+
+IMPL_DENSE = "dense"
+IMPL_OURS = "sparse_triton"
+IMPL_SEMI = "torch_semi_structured"
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    """A linear layer's weight: ``N`` output features (rows) by ``K`` input features (reduction)."""
+
+    name: str
+    N: int
+    K: int
+
+    @property
+    def dims(self) -> str:
+        return f"{self.N}x{self.K}"
+
+
+LLAMA3_8B = (
+    LinearShape("llama3-8b.q_o", 4096, 4096),
+    LinearShape("llama3-8b.k_v", 1024, 4096),
+    LinearShape("llama3-8b.gate_up", 14336, 4096),
+    LinearShape("llama3-8b.down", 4096, 14336),
+)
+LLAMA3_70B = (
+    LinearShape("llama3-70b.gate_up", 28672, 8192),
+    LinearShape("llama3-70b.down", 8192, 28672),
+)
+SHAPES = {s.name: s for s in LLAMA3_8B + LLAMA3_70B}
+SHAPE_GROUPS = {"llama3-8b": LLAMA3_8B, "llama3-70b": LLAMA3_70B, "all": LLAMA3_8B + LLAMA3_70B}
+
+TOKENS_QUICK = (1, 4, 16, 64, 256, 1024, 4096)
+TOKENS_FULL = (*TOKENS_QUICK, 16384)
+PATTERNS = ((2, 4), (1, 4), (2, 8), (4, 8))
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+PLOT = PlotSpec(
+    x="M",
+    y="speedup",
+    panel=("shape", "dims", "dtype"),
+    color="pattern",
+    style="impl",
+    exclude={"impl": (IMPL_DENSE,), "status": ("wrong", "error", "unsupported", "unavailable")},
+    xscale="log2",
+    hline=1.0,
+    xlabel="tokens M",
+    ylabel="speedup over dense cuBLAS (x)",
+    title="N:M linear: speedup over dense F.linear on the same pruned weight",
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    shape: LinearShape
+    M: int
+    n: int
+    m: int
+    dtype: str
+
+    @property
+    def pattern(self) -> str:
+        return f"{self.n}:{self.m}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.shape.name} {self.dtype} M={self.M} {self.pattern}"
+
+    @property
+    def flops(self) -> int:
+        """Dense-equivalent work, the same for every implementation."""
+        return 2 * self.M * self.shape.N * self.shape.K
+
+    def seed(self, base: int) -> int:
+        return (base + zlib.crc32(self.label.encode())) % 2**31
+
+
+@dataclass
+class Operand:
+    """One implementation's weight and how to apply it: ``apply(x, weight) -> y``."""
+
+    impl: str
+    weight: Any
+    weight_bytes: int
+    apply: Callable[[torch.Tensor, Any], torch.Tensor]
+    clone: Callable[[], Any]
+    backend: str | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument parsing
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_shape(text: str) -> tuple[LinearShape, ...]:
+    """A shape name, a group (``llama3-8b``, ``llama3-70b``, ``all``), ``NxK`` or ``name=NxK``."""
+    if text in SHAPE_GROUPS:
+        return SHAPE_GROUPS[text]
+    if text in SHAPES:
+        return (SHAPES[text],)
+    match = re.fullmatch(r"(?:([\w.-]+)=)?(\d+)x(\d+)", text)
+    if match is None:
+        known = ", ".join([*SHAPE_GROUPS, *SHAPES])
+        raise argparse.ArgumentTypeError(f"unknown shape {text!r}: use NxK (out x in), name=NxK, or one of {known}")
+    name, n, k = match.group(1), int(match.group(2)), int(match.group(3))
+    if n <= 0 or k <= 0:
+        raise argparse.ArgumentTypeError(f"shape {text!r}: N and K must be positive")
+    return (LinearShape(name or f"{n}x{k}", n, k),)
+
+
+def parse_pattern(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+):(\d+)", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"pattern {text!r}: expected N:M, e.g. 2:4")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 1 <= n < m <= 16:
+        raise argparse.ArgumentTypeError(f"pattern {text!r}: need 1 <= N < M <= 16")
+    return n, m
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m perf.suites.nm_linear",
+        description="Time st.nm_linear against dense cuBLAS and PyTorch semi-structured 2:4.",
+    )
+    add_common_args(parser)
+    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None,
+                        help="dtypes (default: fp16 with --quick, else fp16 bf16)")
+    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=None,
+                        help="names, groups (llama3-8b, llama3-70b, all) or NxK; "
+                             "default: llama3-8b with --quick, else all")
+    parser.add_argument("--tokens", nargs="+", type=_positive_int, default=None,
+                        help=f"token counts M (default {TOKENS_QUICK} with --quick, else {TOKENS_FULL})")
+    parser.add_argument("--patterns", nargs="+", type=parse_pattern, default=None,
+                        help="N:M patterns (default 2:4 1:4 2:8 4:8)")
+    parser.add_argument("--graph-max-m", type=int, default=64,
+                        help="time cases with M <= this with CUDA graphs (default 64; -1 disables)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed for the random inputs")
+    return parser
+
+
+@dataclass(frozen=True)
+class Settings:
+    shapes: tuple[LinearShape, ...]
+    tokens: tuple[int, ...]
+    patterns: tuple[tuple[int, int], ...]
+    dtypes: tuple[str, ...]
+    warmup_ms: float
+    rep_ms: float
+    graph_max_m: int
+    budget_s: float | None
+    seed: int
+    quick: bool
+
+    def cases(self) -> list[Case]:
+        """Tokens-major, so a budget cut drops the largest M first (the decode cases matter most)."""
+        return [
+            Case(shape, M, n, m, dtype)
+            for M in self.tokens
+            for shape in self.shapes
+            for dtype in self.dtypes
+            for n, m in self.patterns
+        ]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "shapes": [{"name": s.name, "N": s.N, "K": s.K} for s in self.shapes],
+            "tokens": list(self.tokens),
+            "patterns": [f"{n}:{m}" for n, m in self.patterns],
+            "dtypes": list(self.dtypes),
+            "warmup_ms": self.warmup_ms,
+            "rep_ms": self.rep_ms,
+            "graph_max_m": self.graph_max_m,
+            "budget_s": self.budget_s,
+            "seed": self.seed,
+            "quick": self.quick,
+            "rel_tol": REL_TOL,
+        }
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Resolve defaults that depend on ``--quick``."""
+    if args.shapes is None:
+        shapes: tuple[LinearShape, ...] = LLAMA3_8B if args.quick else SHAPE_GROUPS["all"]
+    else:
+        seen: dict[tuple[int, int], LinearShape] = {}
+        for group in args.shapes:
+            for s in group:
+                seen.setdefault((s.N, s.K), s)
+        shapes = tuple(seen.values())
+    tokens = tuple(dict.fromkeys(args.tokens)) if args.tokens else (TOKENS_QUICK if args.quick else TOKENS_FULL)
+    patterns = tuple(dict.fromkeys(args.patterns)) if args.patterns else PATTERNS
+    dtypes = tuple(dict.fromkeys(args.dtype)) if args.dtype else (("fp16",) if args.quick else ("fp16", "bf16"))
+    return Settings(
+        shapes=shapes,
+        tokens=tokens,
+        patterns=patterns,
+        dtypes=dtypes,
+        warmup_ms=args.warmup_ms if args.warmup_ms is not None else (10.0 if args.quick else 25.0),
+        rep_ms=args.rep_ms if args.rep_ms is not None else (50.0 if args.quick else 100.0),
+        graph_max_m=args.graph_max_m,
+        budget_s=args.budget_s if args.budget_s is not None else (230.0 if args.quick else None),
+        seed=args.seed,
+        quick=args.quick,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Implementations
+# --------------------------------------------------------------------------------------------------
+
+
+def _dense_operand(w_dense: torch.Tensor) -> Operand:
+    return Operand(
+        impl=IMPL_DENSE,
+        weight=w_dense,
+        weight_bytes=tensor_bytes(w_dense),
+        apply=lambda x, w: F.linear(x, w),
+        clone=w_dense.clone,
+        backend="cublas",
+    )
+
+
+def _ours_operand(st: Any, w_nm: Any, w_dense: torch.Tensor, n: int, m: int) -> Operand:
+    def clone() -> Any:
+        # A deep copy keeps the exact stored values and indices in fresh buffers; if the type cannot be
+        # deep-copied, compressing the (already N:M) dense weight again gives the same dense weight.
+        try:
+            dup = copy.deepcopy(w_nm)
+            if dup.values.data_ptr() != w_nm.values.data_ptr():
+                return dup
+        except (TypeError, AttributeError, RuntimeError, copy.Error):
+            pass
+        return st.nm_compress(w_dense, n, m)
+
+    return Operand(
+        impl=IMPL_OURS,
+        weight=w_nm,
+        weight_bytes=tensor_bytes(w_nm.values, w_nm.indices),
+        apply=lambda x, w: st.nm_linear(x, w),
+        clone=clone,
+        backend="triton",
+    )
+
+
+def _semi_structured_operand(w_dense: torch.Tensor) -> Operand | str:
+    """PyTorch's 2:4 semi-structured weight, or a string saying why it cannot be built here."""
+    try:
+        from torch.sparse import to_sparse_semi_structured
+    except ImportError as exc:
+        return f"unavailable: torch.sparse.to_sparse_semi_structured missing ({exc})"
+    try:
+        w_s = to_sparse_semi_structured(w_dense)
+    except Exception as exc:  # PyTorch raises assorted types for shape/dtype/arch limits
+        return f"unsupported: {type(exc).__name__}: {_first_line(exc)}"
+    stored = [getattr(w_s, name, None) for name in ("packed", "meta")]
+    return Operand(
+        impl=IMPL_SEMI,
+        weight=w_s,
+        weight_bytes=tensor_bytes(*[t for t in stored if isinstance(t, torch.Tensor)]),
+        apply=lambda x, w: F.linear(x, w),
+        clone=lambda: to_sparse_semi_structured(w_dense),
+        backend=getattr(w_s, "BACKEND", type(w_s).__name__),
+    )
+
+
+def _first_line(exc: BaseException, limit: int = 240) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else "")[:limit]
+
+
+# --------------------------------------------------------------------------------------------------
+# One case
+# --------------------------------------------------------------------------------------------------
+
+
+def _time_operand(op: Operand, x: torch.Tensor, y_bytes: int, s: Settings, cuda_graph: bool) -> Timing:
+    # Graph replays do not flush L2, so cycle through enough weight/input copies to defeat it.
+    copies = rotation_count(op.weight_bytes + tensor_bytes(x) + y_bytes) if cuda_graph else 1
+    weights = [op.weight] + [op.clone() for _ in range(copies - 1)]
+    xs = [x] + [x.clone() for _ in range(copies - 1)]
+    fns = [functools.partial(op.apply, xi, wi) for xi, wi in zip(xs, weights)]
+    return bench(fns, warmup_ms=s.warmup_ms, rep_ms=s.rep_ms, cuda_graph=cuda_graph)
+
+
+def run_case(st: Any, case: Case, s: Settings, device: str = "cuda") -> tuple[list[dict[str, Any]], list[str]]:
+    """Check and time every implementation of ``case``; returns rows and sparse_triton failures."""
+    N, K, M = case.shape.N, case.shape.K, case.M
+    dtype = DTYPES[case.dtype]
+    dev = torch.device(device)
+    gen = torch.Generator(device=dev).manual_seed(case.seed(s.seed))
+    # Random data only: zeros would hide indexing bugs and can time faster than real weights.
+    w = torch.randn(N, K, device=dev, dtype=torch.float32, generator=gen).mul_(K ** -0.5).to(dtype)
+    x = torch.randn(M, K, device=dev, dtype=torch.float32, generator=gen).to(dtype)
+    cuda_graph = M <= s.graph_max_m
+    y_bytes = M * N * x.element_size()
+    base = {
+        "shape": case.shape.name, "dims": case.shape.dims, "N": N, "K": K, "M": M,
+        "pattern": case.pattern, "n": case.n, "m": case.m, "dtype": case.dtype,
+        "flops": case.flops,
+    }
+    rows: list[dict[str, Any]] = []
+    failures: list[str] = []
+
+    def row(impl: str, status: str, **fields: Any) -> dict[str, Any]:
+        r = {**base, "impl": impl, "status": status, "backend": None, "ms": None, "tflops": None,
+             "gbps": None, "bytes": None, "speedup": None, "rel_err": None, "note": None}
+        r.update(fields)
+        rows.append(r)
+        return r
+
+    try:
+        w_nm = st.nm_compress(w, case.n, case.m)
+        w_dense = w_nm.to_dense().contiguous()
+        if tuple(w_dense.shape) != (N, K):
+            raise ValueError(f"NMTensor.to_dense() has shape {tuple(w_dense.shape)}, expected {(N, K)}")
+    except Exception as exc:  # report it and move on to the next case
+        row(IMPL_OURS, "error", note=f"nm_compress failed: {type(exc).__name__}: {_first_line(exc)}")
+        failures.append(f"{case.label}: nm_compress raised {type(exc).__name__}: {_first_line(exc)}")
+        return rows, failures
+    del w
+    ref = F.linear(x.float(), w_dense.float())
+
+    operands: list[Operand] = [_dense_operand(w_dense), _ours_operand(st, w_nm, w_dense, case.n, case.m)]
+    if (case.n, case.m) == (2, 4):
+        semi = _semi_structured_operand(w_dense)
+        if isinstance(semi, Operand):
+            operands.append(semi)
+        else:
+            status, _, why = semi.partition(": ")
+            row(IMPL_SEMI, status, note=why)
+
+    dense_ms: float | None = None
+    for op in operands:
+        ours = op.impl == IMPL_OURS
+        try:
+            err = relative_error(op.apply(x, op.weight), ref)
+        except Exception as exc:  # any failure becomes a row, never a crash
+            status = "error" if op.impl != IMPL_SEMI else "unsupported"
+            row(op.impl, status, backend=op.backend, note=f"{type(exc).__name__}: {_first_line(exc)}")
+            if ours:
+                failures.append(f"{case.label}: nm_linear raised {type(exc).__name__}: {_first_line(exc)}")
+            continue
+        if not err <= REL_TOL:
+            row(op.impl, "wrong", backend=op.backend, rel_err=err,
+                note=f"relative error {err:.3g} > {REL_TOL:g} against the fp32 reference; not timed")
+            if ours:
+                failures.append(f"{case.label}: relative error {err:.3g} > {REL_TOL:g}")
+            continue
+        try:
+            timing = _time_operand(op, x, y_bytes, s, cuda_graph)
+        except Exception as exc:  # any failure becomes a row, never a crash
+            row(op.impl, "error", backend=op.backend, rel_err=err,
+                note=f"timing failed: {type(exc).__name__}: {_first_line(exc)}")
+            if ours:
+                failures.append(f"{case.label}: timing raised {type(exc).__name__}: {_first_line(exc)}")
+            continue
+        moved = op.weight_bytes + tensor_bytes(x) + y_bytes
+        if op.impl == IMPL_DENSE:
+            dense_ms = timing.median_ms
+        row(
+            op.impl, "ok", backend=op.backend, rel_err=err, bytes=moved,
+            tflops=tflops(case.flops, timing.median_ms), gbps=gbps(moved, timing.median_ms),
+            speedup=(dense_ms / timing.median_ms) if dense_ms else None,
+            **timing.as_row(),
+        )
+    return rows, failures
+
+
+# --------------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------------
+
+
+def _cell(r: dict[str, Any] | None) -> str:
+    if r is None:
+        return "-"
+    if r["status"] != "ok":
+        return {"unsupported": "unsup", "unavailable": "n/a"}.get(r["status"], r["status"])
+    return f"{r['speedup']:.2f}x" if r.get("speedup") is not None else "-"
+
+
+def progress_line(rows: Sequence[dict[str, Any]]) -> str:
+    parts = []
+    for r in rows:
+        if r["status"] == "ok":
+            sp = f" {r['speedup']:.2f}x" if r["impl"] != IMPL_DENSE and r.get("speedup") else ""
+            parts.append(f"{r['impl']} {r['ms'] * 1e3:.1f}us{sp}")
+        else:
+            parts.append(f"{r['impl']} {r['status']}")
+    mode = next((r["timing"] for r in rows if r.get("timing")), "-")
+    return " | ".join(parts) + f" [{mode}]"
+
+
+def summary_table(rows: Sequence[dict[str, Any]], patterns: Sequence[tuple[int, int]]) -> str:
+    """One line per (shape, dtype, M): sparse_triton speedup per pattern, and PyTorch 2:4's."""
+    index = {(r["shape"], r["dtype"], r["M"], r["pattern"], r["impl"]): r for r in rows}
+    keys = list(dict.fromkeys((r["shape"], r["dtype"], r["M"]) for r in rows))
+    keys.sort(key=lambda k: (k[0], k[1], k[2]))
+    labels = [f"{n}:{m}" for n, m in patterns]
+    table_rows = []
+    for shape, dtype, M in keys:
+        line: dict[str, Any] = {"shape": shape, "dtype": dtype, "M": M}
+        errs, modes = [], set()
+        for p in labels:
+            ours = index.get((shape, dtype, M, p, IMPL_OURS))
+            line[p] = _cell(ours)
+            if ours is not None and ours.get("rel_err") is not None:
+                errs.append(ours["rel_err"])
+            dense = index.get((shape, dtype, M, p, IMPL_DENSE))
+            if dense is not None and dense.get("timing"):
+                modes.add(dense["timing"])
+            if p == "2:4":
+                line["2:4 torch"] = _cell(index.get((shape, dtype, M, p, IMPL_SEMI)))
+        line["max_err"] = f"{max(errs):.1e}" if errs else "-"
+        line["timing"] = "/".join(sorted(modes)) or "-"
+        table_rows.append(line)
+    columns = ["shape", "dtype", "M", *labels]
+    if "2:4" in labels:
+        columns.insert(columns.index("2:4") + 1, "2:4 torch")
+    return format_table(table_rows, [*columns, "max_err", "timing"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    s = settings_from_args(args)
+    require_gpu("perf.suites.nm_linear")
+    try:
+        import sparse_triton as st
+    except ImportError as exc:
+        raise SystemExit(
+            f"perf: cannot import sparse_triton ({exc}); run from the repo root with PYTHONPATH=."
+        ) from exc
+    # The fp32 reference must be true fp32 (TF32 would add ~1e-3 error of its own).
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+    cases = s.cases()
+    writer = ResultWriter(SUITE, args.out, config=s.to_json(), plot=PLOT)
+    budget = Budget(s.budget_s)
+    print(f"{SUITE}: {len(cases)} cases on {writer.env['gpu']['name']}, torch {torch.__version__}, "
+          f"results -> {writer.path}", flush=True)
+    failures: list[str] = []
+    skipped: list[Case] = []
+    for i, case in enumerate(cases, 1):
+        if not budget.fits():
+            skipped.append(case)
+            continue
+        t0 = time.monotonic()
+        rows, bad = run_case(st, case, s)
+        budget.record(time.monotonic() - t0)
+        failures += bad
+        writer.extend(rows)
+        print(f"[{i:>3}/{len(cases)} {budget.elapsed():5.0f}s] {case.label:<34} {progress_line(rows)}", flush=True)
+    if skipped:
+        writer.note(f"budget of {s.budget_s:g}s reached: {len(skipped)} of {len(cases)} cases not run: "
+                    + ", ".join(c.label for c in skipped))
+    path = writer.close(complete=not skipped)
+
+    print()
+    print(summary_table(writer.rows, s.patterns))
+    print(f"{SUITE}: sparse_triton speedup over dense cuBLAS F.linear on the same pruned weight "
+          f"(median; 'wrong' = rel err > {REL_TOL:g}, not timed)")
+    if skipped:
+        print(f"{SUITE}: INCOMPLETE: budget {s.budget_s:g}s reached, {len(skipped)}/{len(cases)} cases not run")
+    for f in failures:
+        print(f"{SUITE}: FAIL {f}")
+    ran = len(cases) - len(skipped)
+    print(f"{SUITE}: {ran}/{len(cases)} cases in {budget.elapsed():.0f}s, {len(failures)} failures -> {path}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
