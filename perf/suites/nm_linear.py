@@ -386,13 +386,13 @@ def run_case(st: Any, case: Case, s: Settings, device: str = "cuda") -> tuple[li
     ref = F.linear(x.float(), w_dense.float())
 
     operands: list[Operand] = [_dense_operand(w_dense), _ours_operand(st, w_nm, w_dense, case.n, case.m)]
+    semi_refused: str | None = None
     if (case.n, case.m) == (2, 4):
         semi = _semi_structured_operand(w_dense)
         if isinstance(semi, Operand):
             operands.append(semi)
         else:
-            status, _, why = semi.partition(": ")
-            row(IMPL_SEMI, status, note=why)
+            semi_refused = semi
 
     dense_ms: float | None = None
     for op in operands:
@@ -428,6 +428,9 @@ def run_case(st: Any, case: Case, s: Settings, device: str = "cuda") -> tuple[li
             speedup=(dense_ms / timing.median_ms) if dense_ms else None,
             **timing.as_row(),
         )
+    if semi_refused is not None:
+        status, _, why = semi_refused.partition(": ")
+        row(IMPL_SEMI, status, note=why)
     return rows, failures
 
 
@@ -459,8 +462,10 @@ def progress_line(rows: Sequence[dict[str, Any]]) -> str:
 def summary_table(rows: Sequence[dict[str, Any]], patterns: Sequence[tuple[int, int]]) -> str:
     """One line per (shape, dtype, M): sparse_triton speedup per pattern, and PyTorch 2:4's."""
     index = {(r["shape"], r["dtype"], r["M"], r["pattern"], r["impl"]): r for r in rows}
+    shape_order = list(dict.fromkeys(r["shape"] for r in rows))
+    dtype_order = list(dict.fromkeys(r["dtype"] for r in rows))
     keys = list(dict.fromkeys((r["shape"], r["dtype"], r["M"]) for r in rows))
-    keys.sort(key=lambda k: (k[0], k[1], k[2]))
+    keys.sort(key=lambda k: (shape_order.index(k[0]), dtype_order.index(k[1]), k[2]))
     labels = [f"{n}:{m}" for n, m in patterns]
     table_rows = []
     for shape, dtype, M in keys:
@@ -506,7 +511,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cases = s.cases()
     writer = ResultWriter(SUITE, args.out, config=s.to_json(), plot=PLOT)
     budget = Budget(s.budget_s)
-    print(f"{SUITE}: {len(cases)} cases on {writer.env['gpu']['name']}, torch {torch.__version__}, "
+    gpu_name = (writer.env.get("gpu") or {}).get("name")
+    print(f"{SUITE}: {len(cases)} cases on {gpu_name}, torch {torch.__version__}, "
           f"results -> {writer.path}", flush=True)
     failures: list[str] = []
     skipped: list[Case] = []

@@ -358,5 +358,5 @@ def nm_compress(w: torch.Tensor, n: int, m: int, dim: int = -1, strict: bool = F
     w2d = wl.reshape(rows, K)
     # Registered by sparse_triton.ops (imported with the package): Triton kernel or pure-torch twin.
     values, indices = torch.ops.sparse_triton.nm_prune_compress(w2d, n, m)
-    return NMTensor(values.reshape(*lead, -1), indices.reshape(*lead, -1), w.shape, n, m, d)
+    return NMTensor(values.reshape(*lead, values.shape[1]), indices.reshape(*lead, indices.shape[1]), w.shape, n, m, d)
 

@@ -1,0 +1,42 @@
+"""Test tiers.
+
+CPU tier (default, CI): ``TRITON_INTERPRET=1`` is set here, before anything imports Triton, so the
+real kernels run interpreted on CPU tensors (fp16/fp32; the interpreter computes bf16 wrongly).
+GPU tier: ``SPARSE_TRITON_GPU_TESTS=1`` leaves the interpreter off and runs the same tests on CUDA
+with compiled kernels, plus the ``gpu``-marked tests (bf16, CUDA-graph capture).
+"""
+
+import os
+
+GPU_TIER = os.environ.get("SPARSE_TRITON_GPU_TESTS", "0") == "1"
+if not GPU_TIER:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("default", max_examples=12, deadline=None, derandomize=True, print_blob=True)
+settings.load_profile("default")
+
+DEVICE = "cuda" if GPU_TIER and torch.cuda.is_available() else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    if DEVICE == "cuda":
+        return
+    why = pytest.mark.skip(reason="needs a CUDA GPU and SPARSE_TRITON_GPU_TESTS=1 (the GPU tier)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(why)
+
+
+@pytest.fixture
+def device() -> str:
+    """Where the kernels under test run: ``cpu`` (interpreted) or ``cuda`` (compiled, GPU tier)."""
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
