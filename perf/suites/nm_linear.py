@@ -509,7 +509,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
 
     cases = s.cases()
-    writer = ResultWriter(SUITE, args.out, config=s.to_json(), plot=PLOT)
+    config = {
+        **s.to_json(),
+        # cuBLAS settings that change the dense baseline's speed and rounding; recorded, left as found.
+        "cublas_allow_fp16_reduced_precision_reduction":
+            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
+        "cublas_allow_bf16_reduced_precision_reduction":
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
+    }
+    writer = ResultWriter(SUITE, args.out, config=config, plot=PLOT)
     budget = Budget(s.budget_s)
     gpu_name = (writer.env.get("gpu") or {}).get("name")
     print(f"{SUITE}: {len(cases)} cases on {gpu_name}, torch {torch.__version__}, "

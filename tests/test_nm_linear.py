@@ -1,0 +1,126 @@
+"""ops/nm_linear.py: st.nm_linear against F.linear in fp64, its gradients, opcheck and torch.compile."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparse_triton as st
+
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 2e-6), torch.float16: (1e-3, 1e-3)}
+
+
+def assert_close(out, ref, K):
+    rtol, atol = TOL[out.dtype]
+    torch.testing.assert_close(out.double().cpu(), ref.cpu(), rtol=rtol, atol=atol * math.sqrt(max(K, 1)))
+
+
+def setup(lead, N, K, n, m, dtype, device, bias=True):
+    w_nm = st.nm_compress(torch.randn(N, K, dtype=dtype, device=device), n, m)
+    x = torch.randn(*lead, K, dtype=dtype, device=device)
+    b = torch.randn(N, dtype=dtype, device=device) if bias else None
+    return x, w_nm, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (2, 8), (4, 8), (2, 3), (3, 5)], ids=lambda v: str(v))
+@pytest.mark.parametrize("lead", [(1,), (7,), (2, 3), (0,), ()], ids=lambda v: f"lead{v}")
+def test_forward_matches_dense(lead, n, m, dtype, device):
+    N, K = 24, 70
+    x, w_nm, b = setup(lead, N, K, n, m, dtype, device, bias=len(lead) != 1)
+    y = st.nm_linear(x, w_nm, b)
+    assert y.shape == (*lead, N) and y.dtype == dtype
+    ref = F.linear(x.double(), w_nm.to_dense().double(), None if b is None else b.double())
+    assert_close(y, ref, K)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("n,m", [(2, 4), (2, 8), (3, 5)], ids=lambda v: str(v))
+def test_gradients_match_dense(n, m, dtype, device):
+    N, K = 40, 100
+    x, w_nm, b = setup((3, 5), N, K, n, m, dtype, device)
+    x.requires_grad_(True)
+    b.requires_grad_(True)
+    values = w_nm.values.detach().requires_grad_(True)
+    w_nm = st.NMTensor(values, w_nm.indices, w_nm.shape, n, m)
+    y = st.nm_linear(x, w_nm, b)
+    dy = torch.randn_like(y)
+    gx, gv, gb = torch.autograd.grad(y, (x, values, b), dy)
+
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = w_nm.to_dense().detach().double().requires_grad_(True)
+    b64 = b.detach().double().requires_grad_(True)
+    rx, rw, rb = torch.autograd.grad(F.linear(x64, w64, b64), (x64, w64, b64), dy.double())
+    assert_close(gx, rx, N)
+    assert_close(gv, w_nm.gather(rw), 15)  # reduction over the 15 tokens
+    assert_close(gb, rb, 15)
+    assert gv.shape == values.shape
+
+
+def test_gradient_only_where_required(device):
+    x, w_nm, b = setup((4,), 16, 32, 2, 4, torch.float32, device)
+    x.requires_grad_(True)
+    (gx,) = torch.autograd.grad(st.nm_linear(x, w_nm, b).sum(), (x,))
+    assert gx.shape == x.shape
+    assert w_nm.values.grad is None
+
+
+def test_non_contiguous_input(device):
+    x, w_nm, b = setup((6, 64), 32, 64, 2, 4, torch.float32, device)
+    xt = x.transpose(0, 1)  # [64, 6, K] view, not contiguous
+    xs = torch.randn(6, 128, device=device)[:, ::2]  # strided along K
+    for v in (xt, xs):
+        assert not v.is_contiguous()
+        torch.testing.assert_close(st.nm_linear(v, w_nm, b), st.nm_linear(v.contiguous(), w_nm, b), rtol=0, atol=0)
+
+
+def test_non_contiguous_values(device):
+    x, w_nm, _ = setup((5,), 16, 64, 2, 4, torch.float32, device)
+    v = w_nm.values.t().contiguous().t()  # same values, column-major
+    w2 = st.NMTensor(v, w_nm.indices, w_nm.shape, 2, 4)
+    torch.testing.assert_close(st.nm_linear(x, w2), st.nm_linear(x, w_nm), rtol=0, atol=0)
+
+
+def test_matches_masked_dense_model_all_zero_and_all_kept(device):
+    x = torch.randn(3, 32, device=device)
+    zero = st.nm_compress(torch.zeros(8, 32, device=device), 2, 4)
+    assert torch.equal(st.nm_linear(x, zero), torch.zeros(3, 8, device=device))
+    dense_nm = st.nm_prune(torch.randn(8, 32, device=device), 2, 4)
+    full = st.nm_compress(dense_nm, 2, 4, strict=True)  # every kept slot already holds a non-zero
+    assert_close(st.nm_linear(x, full), F.linear(x.double(), dense_nm.double()), 32)
+
+
+def _op_args(device, dtype=torch.float32):
+    x, w_nm, b = setup((6,), 32, 64, 2, 4, dtype, device)
+    return x, w_nm.values, w_nm.indices, b, 2, 4, 64
+
+
+def test_opcheck(device):
+    x, values, indices, b, n, m, K = _op_args(device)
+    torch.library.opcheck(torch.ops.sparse_triton.nm_linear_fwd.default, (x, values, indices, b, n, m, K))
+    torch.library.opcheck(torch.ops.sparse_triton.nm_linear_fwd.default, (x, values, indices, None, n, m, K))
+    dy = torch.randn(6, 32, device=device)
+    torch.library.opcheck(torch.ops.sparse_triton.nm_linear_bwd_dx.default, (dy, values, indices, n, m, K))
+    torch.library.opcheck(torch.ops.sparse_triton.nm_linear_bwd_dvalues.default, (dy, x, indices, n, m, K))
+    w = torch.randn(12, 40, device=device)
+    torch.library.opcheck(torch.ops.sparse_triton.nm_prune_compress.default, (w, 2, 4))
+
+
+def test_torch_compile_fullgraph(device):
+    x, w_nm, b = setup((3, 4), 32, 64, 2, 4, torch.float32, device)
+    layer = st.nn.SparseLinear.from_dense(torch.nn.Linear(32, 48).to(device), st.NMSparsity(2, 4))
+    x.requires_grad_(True)
+
+    def f(x, values, indices, b):
+        y = st.nm_linear(x, st.NMTensor(values, indices, (32, 64), 2, 4), b)
+        return layer(torch.relu(y)).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(x, w_nm.values, w_nm.indices, b)
+    (gx,) = torch.autograd.grad(out, (x,))
+    x2 = x.detach().requires_grad_(True)
+    ref = f(x2, w_nm.values, w_nm.indices, b)
+    (rx,) = torch.autograd.grad(ref, (x2,))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gx, rx)

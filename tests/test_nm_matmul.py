@@ -1,0 +1,127 @@
+"""kernels/nm_matmul.py vs its reference twin (fp64), for every config, pattern and dtype."""
+
+import math
+
+import pytest
+import torch
+
+from sparse_triton.kernels import nm_matmul as kernel
+from sparse_triton.reference import nm_matmul as reference
+from sparse_triton.reference import nm_prune as ref_prune
+
+# (rtol, atol per sqrt(K)): output rounding of the dtype + fp32 accumulation over K terms.
+TOL = {torch.float32: (1e-5, 2e-6), torch.float16: (1e-3, 1e-3), torch.bfloat16: (8e-3, 8e-3)}
+PATTERNS = [(2, 4), (1, 4), (2, 8), (4, 8), (3, 8), (8, 16), (1, 2)]
+CONFIGS = [*kernel.CONFIGS, kernel.INTERPRET_CONFIG]
+SHAPES = [(1, 40, 100), (5, 64, 64), (33, 70, 300), (3, 17, 7)]
+
+
+def cfg_id(c):
+    return f"{'dot' if c.USE_DOT else 'sum'}{c.BM}x{c.BN}x{c.BK}s{c.SPLIT}"
+
+
+def assert_close(out, ref, K):
+    rtol, atol = TOL[out.dtype]
+    atol *= math.sqrt(max(K, 1))
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=rtol, atol=atol)
+
+
+def make(M, N, K, n, m, dtype, device, bias=True):
+    w = torch.randn(N, K, dtype=dtype)
+    values, indices = ref_prune.nm_prune_compress(w, n, m)
+    x = torch.randn(M, K, dtype=dtype)
+    b = torch.randn(N, dtype=dtype) if bias else None
+    to = lambda t: None if t is None else t.to(device)
+    return to(x), to(values), to(indices), to(b)
+
+
+def cases():
+    for cfg in CONFIGS:
+        for M, N, K in SHAPES:
+            if cfg.USE_DOT or M <= 2 * cfg.BM:  # broadcast-sum configs are for tiny M only
+                yield pytest.param(cfg, M, N, K, 2, 4, id=f"{cfg_id(cfg)}-{M}x{N}x{K}-2:4")
+    for cfg in (kernel.CONFIGS[0], kernel.CONFIGS[7]):
+        for n, m in PATTERNS[1:]:
+            for M, N, K in SHAPES[:2]:
+                if cfg.USE_DOT or M <= 2 * cfg.BM:
+                        yield pytest.param(cfg, M, N, K, n, m, id=f"{cfg_id(cfg)}-{M}x{N}x{K}-{n}:{m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("cfg,M,N,K,n,m", list(cases()))
+def test_fwd_matches_reference(cfg, M, N, K, n, m, dtype, device):
+    x, values, indices, b = make(M, N, K, n, m, dtype, device, bias=(M % 2 == 1))
+    out = torch.full((M, N), float("nan"), dtype=dtype, device=device)
+    y = kernel.nm_matmul_fwd(x, values, indices, b, n, m, K, config=cfg, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    ref = reference.nm_matmul_fwd(x.double().cpu(), values.double().cpu(), indices.cpu(),
+                                  None if b is None else b.double().cpu(), n, m, K)
+    assert_close(y, ref, K)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("cfg,M,N,K,n,m", list(cases()))
+def test_bwd_dx_matches_reference(cfg, M, N, K, n, m, dtype, device):
+    _, values, indices, _ = make(M, N, K, n, m, dtype, device)
+    dy = torch.randn(M, N, dtype=dtype, device=device)
+    out = torch.full((M, K), float("nan"), dtype=dtype, device=device)
+    dx = kernel.nm_matmul_bwd_dx(dy, values, indices, n, m, K, config=cfg, out=out)
+    ref = reference.nm_matmul_bwd_dx(dy.double().cpu(), values.double().cpu(), indices.cpu(), n, m, K)
+    assert_close(dx, ref, N)
+
+
+@pytest.mark.parametrize("M,N,K", [(0, 16, 32), (4, 0, 32), (4, 16, 0)])
+def test_empty_dims(M, N, K, device):
+    x, values, indices, b = make(M, N, K, 2, 4, torch.float32, device)
+    y = kernel.nm_matmul_fwd(x, values, indices, b, 2, 4, K)
+    assert y.shape == (M, N)
+    if K == 0:
+        torch.testing.assert_close(y, b.expand(M, N))
+    dx = kernel.nm_matmul_bwd_dx(torch.randn(M, N, device=device), values, indices, 2, 4, K)
+    assert dx.shape == (M, K)
+    if N == 0:
+        assert torch.equal(dx, torch.zeros(M, K, device=device))
+
+
+def test_strided_inputs(device):
+    M, N, K = 9, 48, 96
+    _, values, indices, b = make(M, N, K, 2, 4, torch.float32, device)
+    xt = torch.randn(K, M, device=device).t()  # column-major x
+    y = kernel.nm_matmul_fwd(xt, values, indices, b, 2, 4, K)
+    ref = reference.nm_matmul_fwd(xt.double().cpu(), values.double().cpu(), indices.cpu(), b.double().cpu(), 2, 4, K)
+    assert_close(y, ref, K)
+    dyt = torch.randn(N, M, device=device).t()
+    dx = kernel.nm_matmul_bwd_dx(dyt, values, indices, 2, 4, K)
+    assert_close(dx, reference.nm_matmul_bwd_dx(dyt.double().cpu(), values.double().cpu(), indices.cpu(), 2, 4, K), N)
+
+
+def test_nan_in_weight_stays_in_its_column(device):
+    M, N, K = 3, 32, 64
+    x, values, indices, _ = make(M, N, K, 2, 4, torch.float32, device, bias=False)
+    values[5, 0] = float("nan")
+    y = kernel.nm_matmul_fwd(x, values, indices, None, 2, 4, K)
+    assert y[:, 5].isnan().all() and not y[:, torch.arange(N) != 5].isnan().any()
+
+
+def test_launcher_rejections(device):
+    x, values, indices, b = make(4, 16, 32, 2, 4, torch.float32, device)
+    with pytest.raises(TypeError, match="dtype mismatch"):
+        kernel.nm_matmul_fwd(x.half(), values, indices, b, 2, 4, 32)
+    with pytest.raises(TypeError, match="float64"):
+        kernel.nm_matmul_fwd(x.double(), values.double(), indices, None, 2, 4, 32)
+    with pytest.raises(ValueError, match="out must be"):
+        kernel.nm_matmul_fwd(x, values, indices, b, 2, 4, 32, out=torch.empty(4, 15, device=device))
+    with pytest.raises(ValueError, match="not a multiple of m"):
+        kernel.nm_matmul_fwd(x, values, indices, b, 2, 4, 32, config=kernel.NMMatmulConfig(16, 16, 18))
+
+
+def test_pick_split():
+    assert kernel._pick_split(out_tiles=1000, red_tiles=64, sms=132) == 1
+    s = kernel._pick_split(out_tiles=32, red_tiles=64, sms=132)
+    assert 1 < s <= 16 and 32 * s <= 4 * 132 * 2
+    assert kernel._pick_split(out_tiles=1, red_tiles=2, sms=132) == 1  # nothing to split
+
+
+def test_interpreter_uses_one_config():
+    cpu = torch.device("cpu")
+    assert {kernel.heuristic_config(M, 4096, 4096, cpu) for M in (1, 16, 4096)} == {kernel.INTERPRET_CONFIG}
