@@ -6,7 +6,7 @@
 # Needs only what the GPU machine has: python with torch + triton (+ pytest; matplotlib for the plots).
 # Nothing is installed; the repository is put on PYTHONPATH. Steps:
 #   env          nvidia-smi summary and versions (python -m perf.harness env)
-#   gpu-tests    python -m pytest tests -m gpu -x -q, with TRITON_INTERPRET unset and
+#   gpu-tests    python -m pytest tests -m gpu -q, with TRITON_INTERPRET unset and
 #                SPARSE_TRITON_GPU_TESTS=1 (tests/conftest.py must then not force the interpreter)
 #   perf:<name>  python -m perf.suites.<name> --quick --budget-s ..., for every perf/suites/*.py
 #   plot         python perf/plot.py perf/results/<gpu-slug>
@@ -107,7 +107,7 @@ RESULTS="perf/results/$SLUG"
 
 # --- (b) GPU test tier -----------------------------------------------------------------------------
 run_step gpu-tests "$(step_timeout "$TESTS_TIMEOUT_S" "$RESERVE_S")" \
-    "$PY" -m pytest tests -m gpu -x -q -p no:cacheprovider
+    "$PY" -m pytest tests -m gpu -q -p no:cacheprovider
 
 # --- (c) perf suites, --quick; the time left is shared among the suites not yet run -----------------
 SUITES=()

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from autotune.shapes import LLAMA3_8B, LLAMA3_70B, LLM_TOKENS, NM_PATTERNS, LinearShape
 from perf.harness import (
     Budget,
     PlotSpec,
@@ -61,35 +62,12 @@ IMPL_OURS = "sparse_triton"
 IMPL_SEMI = "torch_semi_structured"
 
 
-@dataclass(frozen=True)
-class LinearShape:
-    """A linear layer's weight: ``N`` output features (rows) by ``K`` input features (reduction)."""
-
-    name: str
-    N: int
-    K: int
-
-    @property
-    def dims(self) -> str:
-        return f"{self.N}x{self.K}"
-
-
-LLAMA3_8B = (
-    LinearShape("llama3-8b.q_o", 4096, 4096),
-    LinearShape("llama3-8b.k_v", 1024, 4096),
-    LinearShape("llama3-8b.gate_up", 14336, 4096),
-    LinearShape("llama3-8b.down", 4096, 14336),
-)
-LLAMA3_70B = (
-    LinearShape("llama3-70b.gate_up", 28672, 8192),
-    LinearShape("llama3-70b.down", 8192, 28672),
-)
 SHAPES = {s.name: s for s in LLAMA3_8B + LLAMA3_70B}
 SHAPE_GROUPS = {"llama3-8b": LLAMA3_8B, "llama3-70b": LLAMA3_70B, "all": LLAMA3_8B + LLAMA3_70B}
 
-TOKENS_QUICK = (1, 4, 16, 64, 256, 1024, 4096)
-TOKENS_FULL = (*TOKENS_QUICK, 16384)
-PATTERNS = ((2, 4), (1, 4), (2, 8), (4, 8))
+TOKENS_QUICK = tuple(t for t in LLM_TOKENS if t <= 4096)
+TOKENS_FULL = LLM_TOKENS
+PATTERNS = NM_PATTERNS
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 PLOT = PlotSpec(
