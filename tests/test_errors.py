@@ -30,7 +30,7 @@ BAD_NM = {
 @pytest.mark.parametrize("case", list(BAD_NM), ids=str)
 def test_nmsparsity_rejects(case):
     (n, m), exc, msg = BAD_NM[case]
-    with pytest.raises(exc, match=rf"NMSparsity.*{msg}|{msg}"):
+    with pytest.raises(exc, match=rf"^NMSparsity: .*{msg}"):
         st.NMSparsity(n, m)
 
 
@@ -123,7 +123,8 @@ BAD_LINEAR = {
                r"w_nm must be .*grouped along dim 0"),
     "w-3d": (lambda w: (torch.randn(3, 16), st.nm_compress(torch.randn(2, 8, 16), 2, 4), None), ValueError,
              r"w_nm must be a 2-D"),
-    "bias-shape": (lambda w: (torch.randn(3, 16), w, torch.randn(9)), ValueError, r"bias\.shape=\(9,\), expected \(8,\)"),
+    "bias-shape": (lambda w: (torch.randn(3, 16), w, torch.randn(9)), ValueError,
+                   r"bias\.shape=\(9,\), expected \(8,\)"),
     "bias-2d": (lambda w: (torch.randn(3, 16), w, torch.randn(1, 8)), ValueError, r"bias\.shape=\(1, 8\)"),
     "bias-dtype": (lambda w: (torch.randn(3, 16), w, torch.randn(8, dtype=torch.float64)), TypeError,
                    r"dtype mismatch, bias is torch.float64"),
@@ -200,7 +201,8 @@ BAD_NMTENSOR = {
     "indices-int64": (lambda v, i: (v, i.to(torch.int64), (8, 64)), TypeError, r"indices must be int32"),
     "indices-uint8": (lambda v, i: (v, i.to(torch.uint8), (8, 64)), TypeError, r"indices must be int32"),
     "values-int": (lambda v, i: (v.to(torch.int32), i, (8, 64)), TypeError, r"values must be a floating"),
-    "indices-device": (lambda v, i: (v, i.to("meta"), (8, 64)), ValueError, r"values are on cpu but indices are on meta"),
+    "indices-device": (lambda v, i: (v, i.to("meta"), (8, 64)), ValueError,
+                       r"values are on cpu but indices are on meta"),
 }
 
 
@@ -297,7 +299,8 @@ def test_non_contiguous_x_matches_contiguous(case, n, m, device):
     if m == 4:  # the Triton kernel reads any strides with the same arithmetic: bit-exact
         assert torch.equal(y, y_contig)
     else:  # the reference calls BLAS, whose summation order depends on the strides (fp32, K = 40)
-        torch.testing.assert_close(y, y_contig, rtol=1e-5, atol=1e-6 * 40**0.5 * 4)
+        scale = float(x.abs().max()) * float(w.values.abs().max())
+        torch.testing.assert_close(y, y_contig, rtol=1e-5, atol=1e-6 * 40**0.5 * scale)
 
 
 def test_non_contiguous_x_gradient_matches_contiguous(device):

@@ -241,3 +241,47 @@ def test_ragged_in_features_storage(n, m):
     assert sp.values.shape == (8, -(-70 // m) * n)
     assert sp.weight.shape == (8, 70)
     assert sp.to_dense().weight.shape == (8, 70)
+
+
+@pytest.mark.parametrize("in_f,out_f,T", [(0, 8, 3), (16, 0, 3), (16, 8, 0)], ids=["K0", "N0", "T0"])
+def test_empty_dims_match_dense_linear(in_f, out_f, T, device):
+    # F.linear defines all three (K = 0 gives the bias); the kernel launchers handle them too.
+    lin = _linear(in_f, out_f, True, torch.float32, device)
+    sp = SparseLinear.from_dense(lin, st.NMSparsity(2, 4))
+    x = torch.randn(2, T, in_f, device=device, requires_grad=True)
+    y = sp(x)
+    x_ref = x.detach().clone().requires_grad_()
+    w_ref = sp.weight.detach().clone().requires_grad_()
+    b_ref = sp.bias.detach().clone().requires_grad_()
+    y_ref = F.linear(x_ref, w_ref, b_ref)
+    assert y.shape == y_ref.shape == (2, T, out_f)
+    assert torch.equal(y, y_ref)
+    y.sum().backward()
+    y_ref.sum().backward()
+    assert torch.equal(x.grad, x_ref.grad)
+    assert torch.equal(sp.values.grad, sp.weight_nm().gather(w_ref.grad))
+    assert torch.equal(sp.bias.grad, b_ref.grad)
+
+
+def _corrupt_positions(case):
+    """A state_dict whose packed indices have the right shape and dtype but impossible positions."""
+    if case == "position>=m":  # 2:8 stores 4-bit positions: 8..15 fit in the field but not in a group
+        sp = SparseLinear.from_dense(nn.Linear(64, 8), st.NMSparsity(2, 8))
+        sd = sp.state_dict()
+        sd["indices"] = sd["indices"] | 0x8  # slot 0 of every word gets position >= 8
+    else:  # "repeated-position": 2:4 slot pair (1, 1) in every group
+        sp = SparseLinear.from_dense(nn.Linear(64, 8), st.NMSparsity(2, 4))
+        sd = sp.state_dict()
+        sd["indices"] = torch.full_like(sd["indices"], 0x55555555)
+    return sp.sparsity, sd
+
+
+@pytest.mark.parametrize("case", ["position>=m", "repeated-position"], ids=str)
+def test_load_state_dict_rejects_impossible_positions(case):
+    # SparseLinear._load_from_state_dict promises that a corrupted checkpoint fails loudly, naming
+    # what is wrong; positions outside a group (or twice the same) decode to a different weight in
+    # the kernel (value dropped / overwritten) than in to_dense() (value written into the next group).
+    sparsity, sd = _corrupt_positions(case)
+    fresh = SparseLinear(64, 8, sparsity=sparsity)
+    with pytest.raises(ValueError, match=r"indices"):
+        fresh.load_state_dict(sd)

@@ -185,6 +185,24 @@ def test_skips_module_shared_between_parents(caplog):
     assert skip_records(caplog)
 
 
+def test_skips_meta_weights(caplog):
+    model = nn.Sequential(nn.Linear(16, 8, device="meta"), nn.Linear(8, 8))
+    with caplog.at_level(logging.INFO, logger="sparse_triton"):
+        st.sparsify(model, CFG)
+    assert type(model[0]) is nn.Linear and type(model[1]) is SparseLinear
+    skipped = skip_records(caplog)
+    assert len(skipped) == 1 and "meta" in skipped[0], skipped
+
+
+def test_sparsify_twice_is_a_no_op():
+    model = st.sparsify(make_model(), CFG)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    mods = list(model.modules())
+    st.sparsify(model, st.NMSparsity(1, 4))
+    assert list(model.modules()) == mods
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 BAD_ARGS = {
     "model": ("model", lambda: ("not a module", CFG, None)),
     "model-None": ("model", lambda: (None, CFG, None)),

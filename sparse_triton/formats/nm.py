@@ -141,6 +141,16 @@ def _mask_last(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return keep.scatter_(-1, order[..., :n], True)
 
 
+def _mask(w: torch.Tensor, n: int, m: int, dim: int, where: str) -> torch.Tensor:
+    _check_float(w, "w", where)
+    _check_nm(n, m, where)
+    d = _norm_dim(dim, w.dim(), where)
+    wl = w.movedim(d, -1)
+    K = wl.shape[-1]
+    keep = _mask_last(wl, n, m).flatten(-2)[..., :K]
+    return keep.movedim(-1, d)
+
+
 def nm_mask(w: torch.Tensor, n: int, m: int, dim: int = -1) -> torch.Tensor:
     """Bool mask keeping the ``n`` largest ``|w|`` of every group of ``m`` along ``dim``.
 
@@ -150,13 +160,7 @@ def nm_mask(w: torch.Tensor, n: int, m: int, dim: int = -1) -> torch.Tensor:
     >>> nm_mask(torch.tensor([[1., -3., 2., 0.5]]), 2, 4)
     tensor([[False,  True,  True, False]])
     """
-    _check_float(w, "w", "nm_mask")
-    _check_nm(n, m, "nm_mask")
-    d = _norm_dim(dim, w.dim(), "nm_mask")
-    wl = w.movedim(d, -1)
-    K = wl.shape[-1]
-    keep = _mask_last(wl, n, m).flatten(-2)[..., :K]
-    return keep.movedim(-1, d)
+    return _mask(w, n, m, dim, "nm_mask")
 
 
 def nm_prune(w: torch.Tensor, n: int, m: int, dim: int = -1) -> torch.Tensor:
@@ -165,7 +169,7 @@ def nm_prune(w: torch.Tensor, n: int, m: int, dim: int = -1) -> torch.Tensor:
     >>> nm_prune(torch.tensor([[1., -3., 2., 0.5]]), 2, 4)
     tensor([[ 0., -3.,  2.,  0.]])
     """
-    mask = nm_mask(w, n, m, dim)
+    mask = _mask(w, n, m, dim, "nm_prune")
     return torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
 
 
