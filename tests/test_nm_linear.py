@@ -124,3 +124,17 @@ def test_torch_compile_fullgraph(device):
     (rx,) = torch.autograd.grad(ref, (x2,))
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(gx, rx)
+
+
+def test_sparse_linear_under_autocast(device):
+    layer = st.nn.SparseLinear.from_dense(torch.nn.Linear(64, 32), st.NMSparsity(2, 4)).to(device)
+    x = torch.randn(5, 64, device=device, requires_grad=True)
+    dtype = torch.float16  # not bf16: the interpreter computes bf16 wrongly (bf16 is covered by the GPU tier)
+    with torch.autocast(device_type=device, dtype=dtype):
+        y = layer(x)
+    assert y.dtype == dtype
+    y.float().sum().backward()
+    assert layer.values.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    dense = torch.nn.functional.linear(x.detach().to(dtype).double(), layer.weight.detach().to(dtype).double(),
+                                       layer.bias.detach().to(dtype).double())
+    assert ((y.double() - dense).norm() / dense.norm()).item() < 1e-2

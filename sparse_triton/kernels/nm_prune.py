@@ -141,4 +141,5 @@ def compile_variants():
         BG = _groups_per_program(m)
         const = {"NN": n, "MM": m, "MP": triton.next_power_of_2(m), "BITS": index_bits(m), "BR": cfg.BR,
                  "BG": BG, "BWP": triton.next_power_of_2(BG * n // indices_per_word(m))}
-        yield f"nm_prune {str(dtype)[6:]} {n}:{m} BR={cfg.BR}", _nm_prune_kernel, sig, const, {"num_warps": cfg.num_warps}
+        label = f"nm_prune {str(dtype)[6:]} {n}:{m} BR={cfg.BR}"
+        yield label, _nm_prune_kernel, sig, const, {"num_warps": cfg.num_warps}

@@ -82,8 +82,15 @@ class SparseLinear(nn.Module):
         return self.weight_nm().to_dense()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        _check_input(input, self.in_features, self.values.dtype, self.values.device, "SparseLinear")
-        return linear_compressed(input, self.values, self.indices, self.bias,
+        values, bias = self.values, self.bias
+        device_type = values.device.type
+        if torch.is_autocast_enabled(device_type) and input.is_floating_point():
+            # Mixed precision like nn.Linear under autocast: compute in the autocast dtype.
+            dtype = torch.get_autocast_dtype(device_type)
+            input, values = input.to(dtype), values.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        _check_input(input, self.in_features, values.dtype, values.device, "SparseLinear")
+        return linear_compressed(input, values, self.indices, bias,
                                  self.sparsity.n, self.sparsity.m, self.in_features)
 
     def to_dense(self) -> nn.Linear:
