@@ -15,10 +15,10 @@ logger = logging.getLogger("sparse_triton")
 
 
 def _skip_reason(module: nn.Linear, fqn: str, parent: nn.Module, shared: set[int]) -> str | None:
-    if type(module) is not nn.Linear:
-        return f"{type(module).__name__} is a subclass of nn.Linear with behaviour of its own"
     if isinstance(parent, nn.MultiheadAttention):
         return "nn.MultiheadAttention reads its projection weights directly, not through forward()"
+    if type(module) is not nn.Linear:
+        return f"{type(module).__name__} is a subclass of nn.Linear with behaviour of its own"
     w = module.weight
     if not w.is_floating_point():
         return f"weight dtype {w.dtype} is not floating point"

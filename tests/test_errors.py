@@ -150,9 +150,9 @@ def test_nm_linear_weight_on_meta_is_a_clear_error():
 
 
 BAD_SPARSE_LINEAR = {
-    "input-K": (lambda: torch.randn(3, 20), ValueError, r"SparseLinear: x\.shape\[-1\]=20"),
+    "input-K": (lambda: torch.randn(3, 20), ValueError, r"SparseLinear: input\.shape\[-1\]=20"),
     "input-dtype": (lambda: torch.randn(3, 16, dtype=torch.float16), TypeError, r"SparseLinear: dtype mismatch"),
-    "input-int": (lambda: torch.ones(3, 16, dtype=torch.int32), TypeError, r"SparseLinear: x must be a floating"),
+    "input-int": (lambda: torch.ones(3, 16, dtype=torch.int32), TypeError, r"SparseLinear: input must be a floating"),
     "input-meta": (lambda: torch.randn(3, 16, device="meta"), ValueError, r"SparseLinear: device mismatch"),
 }
 

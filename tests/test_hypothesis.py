@@ -120,6 +120,7 @@ def test_compress_equals_prune_and_mask_counts(nm, R, K, dtype, dim, seed, devic
     assert torch.equal(per_group.cpu(), group_len.clamp(max=n).expand(R, G))
 
 
+@pytest.mark.slow  # 12 examples x two interpreted prune kernels: ~3-4 s
 @fixture_ok
 @given(nm=all_patterns(), R=rows, K=ks, dtype=hs.sampled_from([*FLOAT_DTYPES, torch.float64]),
        kind=hs.sampled_from(["continuous", "ties"]), seed=seeds)

@@ -181,6 +181,7 @@ def test_fixed_mask_finetuning(n, m, device):
     w = sp.weight.detach()
     assert torch.equal(sp.weight_nm().mask(), mask0)
     assert not w[~mask0].any()  # zeros stay zeros
+    assert torch.equal(w != 0, mask0)  # and the kept weights are still the non-zeros
     assert torch.equal(st.nm_prune(w, n, m), w)  # still N:M
 
 
@@ -219,7 +220,7 @@ def test_direct_construction_is_nm(n, m, in_f, device):
     assert not (w != 0)[~st.nm_mask(w, n, m)].any()
     # Same init range as nn.Linear (kaiming uniform, a=sqrt(5)): |w|, |b| <= 1/sqrt(in_features).
     bound = 1 / math.sqrt(in_f)
-    assert float(w.abs().max()) <= bound and float(sp.bias.abs().max()) <= bound
+    assert float(w.abs().max()) <= bound and float(sp.bias.detach().abs().max()) <= bound
     assert float(w.abs().max()) > 0.5 * bound  # not an all-zero / degenerate init
     x = torch.randn(6, in_f, device=device)
     ref = F.linear(x.double(), w.double(), sp.bias.detach().double())

@@ -33,12 +33,15 @@ class SparseLinear(nn.Module):
         if not isinstance(sparsity, NMSparsity):
             raise TypeError(f"SparseLinear: sparsity must be an NMSparsity, got {type(sparsity).__name__}")
         for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"SparseLinear: {name} must be a non-negative int, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"SparseLinear: {name} must be an int, got {type(v).__name__}")
+            if v < 0:
+                raise ValueError(f"SparseLinear: {name} must be non-negative, got {v}")
         self.in_features, self.out_features, self.sparsity = in_features, out_features, sparsity
         # Same initialisation as nn.Linear, then pruned: a freshly built layer is usable as is.
         dense = torch.empty(out_features, in_features, device=device, dtype=dtype)
-        nn.init.kaiming_uniform_(dense, a=math.sqrt(5))
+        if dense.numel():
+            nn.init.kaiming_uniform_(dense, a=math.sqrt(5))
         w = nm_compress(dense, sparsity.n, sparsity.m)
         self.values = nn.Parameter(w.values)
         self.register_buffer("indices", w.indices)
@@ -89,7 +92,7 @@ class SparseLinear(nn.Module):
             dtype = torch.get_autocast_dtype(device_type)
             input, values = input.to(dtype), values.to(dtype)
             bias = None if bias is None else bias.to(dtype)
-        _check_input(input, self.in_features, values.dtype, values.device, "SparseLinear")
+        _check_input(input, self.in_features, values.dtype, values.device, "SparseLinear", "input")
         return linear_compressed(input, values, self.indices, bias,
                                  self.sparsity.n, self.sparsity.m, self.in_features)
 
@@ -117,8 +120,16 @@ class SparseLinear(nn.Module):
                     f"SparseLinear: state_dict['{prefix}{name}'] has shape {tuple(t.shape)}, expected {shape} "
                     f"for a {self.out_features}x{self.in_features} weight at {n}:{m}")
         idx = state_dict.get(prefix + "indices")
-        if idx is not None and idx.dtype != torch.int32:
-            raise ValueError(f"SparseLinear: state_dict['{prefix}indices'] must be int32, got {idx.dtype}")
+        if idx is not None:
+            if idx.dtype != torch.int32:
+                raise ValueError(f"SparseLinear: state_dict['{prefix}indices'] must be int32, got {idx.dtype}")
+            # Positions out of range or out of order would make the kernels and to_dense() disagree.
+            proto = NMTensor(idx.new_zeros(expected["values"], dtype=torch.float32), idx,
+                             (self.out_features, self.in_features), n, m, dim=1)
+            try:
+                proto.validate()
+            except ValueError as e:
+                raise ValueError(f"SparseLinear: state_dict['{prefix}indices'] is corrupted: {e}") from None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

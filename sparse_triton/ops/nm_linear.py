@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..formats.nm import NMTensor
@@ -95,19 +97,19 @@ class NMLinearFunction(torch.autograd.Function):
         return dx, dvalues, None, dbias, None, None, None
 
 
-def _check_input(x, K: int, dtype: torch.dtype, device: torch.device, where: str) -> None:
+def _check_input(x, K: int, dtype: torch.dtype, device: torch.device, where: str, name: str = "x") -> None:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{where}: x must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(f"{where}: x must be a floating-point tensor, got dtype={x.dtype}")
+        raise TypeError(f"{where}: {name} must be a floating-point tensor, got dtype={x.dtype}")
     if x.dim() == 0:
-        raise ValueError(f"{where}: x must have at least 1 dim, got a 0-dim tensor")
+        raise ValueError(f"{where}: {name} must have at least 1 dim, got a 0-dim tensor")
     if x.shape[-1] != K:
-        raise ValueError(f"{where}: x.shape[-1]={x.shape[-1]} but weight has K={K}")
+        raise ValueError(f"{where}: {name}.shape[-1]={x.shape[-1]} but weight has K={K}")
     if x.dtype != dtype:
-        raise TypeError(f"{where}: dtype mismatch, x is {x.dtype} but the weight is {dtype}")
+        raise TypeError(f"{where}: dtype mismatch, {name} is {x.dtype} but the weight is {dtype}")
     if x.device != device:
-        raise ValueError(f"{where}: device mismatch, x is on {x.device} but the weight is on {device}")
+        raise ValueError(f"{where}: device mismatch, {name} is on {x.device} but the weight is on {device}")
 
 
 def _check_bias(bias, N: int, dtype: torch.dtype, device: torch.device, where: str) -> None:
@@ -127,7 +129,7 @@ def linear_compressed(x: torch.Tensor, values: torch.Tensor, indices: torch.Tens
                       n: int, m: int, K: int) -> torch.Tensor:
     """``nm_linear`` on the raw compressed parts, for callers that already validated them."""
     lead = x.shape[:-1]
-    y = NMLinearFunction.apply(x.reshape(-1, K), values, indices, bias, n, m, K)
+    y = NMLinearFunction.apply(x.reshape(math.prod(lead), K), values, indices, bias, n, m, K)
     return y.reshape(*lead, values.shape[0])
 
 
