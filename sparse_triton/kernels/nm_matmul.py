@@ -43,6 +43,7 @@ def _load_nm_tile(p_val, p_idx, o_r, m_r, g0, G, stride_vr, stride_ir,
     PER: tl.constexpr = 32 // BITS
     o_g = g0 + tl.arange(0, BG)
     m_vg = m_r[:, None] & (o_g < G)[None, :]  # [BR, BG]
+    o_r = o_r.to(tl.int64)
     o_e = tl.arange(0, M)
     b_w = tl.zeros([BR, BG, M], dtype=p_val.dtype.element_ty)
     # Slot s of every group: its value, and its position pulled out of the packed word. Slots of a
@@ -85,7 +86,8 @@ def _nm_fwd_kernel(p_x, p_val, p_idx, p_b, p_y, M, N, K, G,
     BG: tl.constexpr = BK // MM
     i_m, i_n = _tile_ids(M, N, BM, BN, GROUP_M)
     i_s = tl.program_id(1)
-    o_m = i_m * BM + tl.arange(0, BM)
+    # int64 row offsets: M * N and M * K pass 2^31 at training sizes (131k tokens x 28672).
+    o_m = i_m.to(tl.int64) * BM + tl.arange(0, BM)
     o_n = i_n * BN + tl.arange(0, BN)
     m_m = o_m < M
     m_n = o_n < N
@@ -111,7 +113,7 @@ def _nm_fwd_kernel(p_x, p_val, p_idx, p_b, p_y, M, N, K, G,
             acc += tl.load(p_b + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
         tl.store(p_y + o_m[:, None] * stride_ym + o_n[None, :], acc.to(p_y.dtype.element_ty), mask=m_y)
     else:
-        tl.store(p_y + i_s * stride_ys + o_m[:, None] * stride_ym + o_n[None, :], acc, mask=m_y)
+        tl.store(p_y + i_s.to(tl.int64) * stride_ys + o_m[:, None] * stride_ym + o_n[None, :], acc, mask=m_y)
 
 
 @triton.jit
@@ -129,7 +131,7 @@ def _nm_bwd_dx_kernel(p_dy, p_val, p_idx, p_dx, M, N, K, G,
     BG: tl.constexpr = BK // MM
     i_m, i_k = _tile_ids(M, K, BM, BK, GROUP_M)
     i_s = tl.program_id(1)
-    o_m = i_m * BM + tl.arange(0, BM)
+    o_m = i_m.to(tl.int64) * BM + tl.arange(0, BM)  # int64: M * K may pass 2^31
     o_k = i_k * BK + tl.arange(0, BK)
     m_m = o_m < M
     n_tiles = tl.cdiv(N, BN)
@@ -152,7 +154,7 @@ def _nm_bwd_dx_kernel(p_dy, p_val, p_idx, p_dx, M, N, K, G,
     if SPLIT == 1:
         tl.store(p_dx + o_m[:, None] * stride_dxm + o_k[None, :], acc.to(p_dx.dtype.element_ty), mask=m_dx)
     else:
-        tl.store(p_dx + i_s * stride_dxs + o_m[:, None] * stride_dxm + o_k[None, :], acc, mask=m_dx)
+        tl.store(p_dx + i_s.to(tl.int64) * stride_dxs + o_m[:, None] * stride_dxm + o_k[None, :], acc, mask=m_dx)
 
 
 @triton.jit
@@ -161,7 +163,7 @@ def _split_reduce_kernel(p_ws, p_b, p_y, MN, N, SPLIT, HAS_BIAS: tl.constexpr, B
 
     p_ws: fp32 workspace ``[SPLIT, M * N]``; p_b: bias ``[N]``; p_y: contiguous output ``[M * N]``.
     """
-    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = o < MN
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for s in range(SPLIT):

@@ -32,7 +32,7 @@ def _nm_prune_kernel(p_w, p_val, p_idx, R, K, G, Wd,
     BW: tl.constexpr = BG * NN // PER
     i_r = tl.program_id(0)
     i_g = tl.program_id(1)
-    o_r = i_r * BR + tl.arange(0, BR)
+    o_r = i_r.to(tl.int64) * BR + tl.arange(0, BR)  # int64: R * K may pass 2^31
     o_g = i_g * BG + tl.arange(0, BG)
     o_e = tl.arange(0, MP)
     m_r = o_r < R
