@@ -3,7 +3,8 @@
 Run as ``python tests/compile_sm90.py [-j JOBS]`` in a process where ``TRITON_INTERPRET`` is unset:
 the interpreter accepts code the GPU compiler rejects (tl.dot with K < 16, loop-carried dtype changes,
 non-constexpr globals), so this is the check that the kernels really build. Each kernel module in
-``sparse_triton.kernels`` lists its variants in ``compile_variants()``. Fails on any compile error or
+``sparse_triton.kernels`` lists its variants in ``compile_variants()``, each as a ragged and an aligned
+launch specialization (``sparse_triton/kernels/_compile.py``). Fails on any compile error or
 on shared memory above the H100 per-block limit.
 """
 
@@ -37,11 +38,11 @@ def _compile_one(key):
 
     modname, index, _ = key
     mod = importlib.import_module(f"sparse_triton.kernels.{modname}")
-    label, kern, sig, const, options = next(v for i, v in enumerate(mod.compile_variants()) if i == index)
+    label, kern, sig, const, options, attrs = next(v for i, v in enumerate(mod.compile_variants()) if i == index)
     full = {a: ("constexpr" if a in const else sig[a]) for a in kern.arg_names}
     t0 = time.perf_counter()
     try:
-        compiled = triton.compile(ASTSource(fn=kern, signature=full, constexprs=const),
+        compiled = triton.compile(ASTSource(fn=kern, signature=full, constexprs=const, attrs=attrs),
                                   target=GPUTarget("cuda", 90, 32), options=options)
     except Exception as e:  # noqa: BLE001 - report every failure, keep going
         return label, None, time.perf_counter() - t0, f"{type(e).__name__}: {str(e)[-2000:]}"

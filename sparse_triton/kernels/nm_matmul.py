@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ..formats.nm import index_bits
+from ._compile import specializations
 
 # --------------------------------------------------------------------------------------------------
 # kernels
@@ -41,19 +42,47 @@ def _load_nm_tile(p_val, p_idx, o_r, m_r, g0, G, stride_vr, stride_ir,
     ``[rows, Wd]`` (row stride ``stride_ir``). Groups at or past ``G`` and rows outside ``m_r`` read as 0.
     """
     PER: tl.constexpr = 32 // BITS
-    o_g = g0 + tl.arange(0, BG)
-    m_vg = m_r[:, None] & (o_g < G)[None, :]  # [BR, BG]
     o_r = o_r.to(tl.int64)
     o_e = tl.arange(0, M)
-    b_w = tl.zeros([BR, BG, M], dtype=p_val.dtype.element_ty)
-    # Slot s of every group: its value, and its position pulled out of the packed word. Slots of a
-    # group are distinct positions, so a select (not a sum) places each value exactly.
-    for s in tl.static_range(N):
-        o_j = o_g * N + s  # [BG] slot index in the row
-        b_v = tl.load(p_val + o_r[:, None] * stride_vr + o_j[None, :], mask=m_vg, other=0.0)
-        b_word = tl.load(p_idx + o_r[:, None] * stride_ir + (o_j // PER)[None, :], mask=m_vg, other=0)
-        b_pos = (b_word >> ((o_j % PER) * BITS)[None, :]) & ((1 << BITS) - 1)  # [BR, BG]
-        b_w = tl.where(b_pos[:, :, None] == o_e[None, None, :], b_v[:, :, None], b_w)
+    if (N & (N - 1)) == 0:
+        # n a power of two: the tile's kept slots are one contiguous run per row, loaded as such (wide,
+        # coalesced loads), then viewed as [BR, BG, N] in registers.
+        o_s = g0 * N + tl.arange(0, BG * N)
+        m_s = m_r[:, None] & (o_s < G * N)[None, :]
+        b_v = tl.load(p_val + o_r[:, None] * stride_vr + o_s[None, :], mask=m_s, other=0.0)  # [BR, BG*N]
+        if (BG * N) % PER == 0:
+            # Whole words: load each once and fan the PER positions out in registers.
+            BW: tl.constexpr = BG * N // PER
+            o_w = g0 * N // PER + tl.arange(0, BW)
+            m_wd = m_r[:, None] & (o_w * PER < G * N)[None, :]
+            b_word = tl.load(p_idx + o_r[:, None] * stride_ir + o_w[None, :], mask=m_wd, other=0)  # [BR, BW]
+            o_sh = tl.arange(0, PER) * BITS
+            b_pos = tl.reshape((b_word[:, :, None] >> o_sh[None, None, :]) & ((1 << BITS) - 1), [BR, BG * N])
+        else:
+            b_word = tl.load(p_idx + o_r[:, None] * stride_ir + (o_s // PER)[None, :], mask=m_s, other=0)
+            b_pos = (b_word >> ((o_s % PER) * BITS)[None, :]) & ((1 << BITS) - 1)
+        b_v3 = tl.reshape(b_v, [BR, BG, N])
+        b_pos3 = tl.reshape(b_pos, [BR, BG, N])
+        o_sl = tl.arange(0, N)[None, None, :]
+        b_w = tl.zeros([BR, BG, M], dtype=p_val.dtype.element_ty)
+        for s in tl.static_range(N):
+            # Slot s of every group, picked out of the thread's own registers (the slot axis is
+            # innermost and contiguous, so this sum never crosses lanes).
+            b_vs = tl.sum(tl.where(o_sl == s, b_v3, 0.0), axis=2).to(p_val.dtype.element_ty)  # [BR, BG]
+            b_ps = tl.sum(tl.where(o_sl == s, b_pos3, 0), axis=2)  # [BR, BG]
+            b_w = tl.where(b_ps[:, :, None] == o_e[None, None, :], b_vs[:, :, None], b_w)
+    else:
+        o_g = g0 + tl.arange(0, BG)
+        m_vg = m_r[:, None] & (o_g < G)[None, :]  # [BR, BG]
+        b_w = tl.zeros([BR, BG, M], dtype=p_val.dtype.element_ty)
+        # Slot s of every group: its value, and its position pulled out of the packed word. Slots of a
+        # group are distinct positions, so a select places each value exactly.
+        for s in tl.static_range(N):
+            o_j = o_g * N + s  # [BG] slot index in the row
+            b_v = tl.load(p_val + o_r[:, None] * stride_vr + o_j[None, :], mask=m_vg, other=0.0)
+            b_word = tl.load(p_idx + o_r[:, None] * stride_ir + (o_j // PER)[None, :], mask=m_vg, other=0)
+            b_pos = (b_word >> ((o_j % PER) * BITS)[None, :]) & ((1 << BITS) - 1)  # [BR, BG]
+            b_w = tl.where(b_pos[:, :, None] == o_e[None, None, :], b_v[:, :, None], b_w)
     return tl.reshape(b_w, [BR, BG * M])
 
 
@@ -96,7 +125,14 @@ def _nm_fwd_kernel(p_x, p_val, p_idx, p_b, p_y, M, N, K, G,
     per_split = tl.cdiv(n_tiles, SPLIT)
     t_lo = i_s * per_split
     t_hi = min(t_lo + per_split, n_tiles)
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    # Broadcast-sum keeps per-lane partial products and reduces across lanes once, after the loop.
+    # With one row (decode) the partials are 2-D and share the rebuilt tile's register layout.
+    if USE_DOT:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+    elif BM == 1:
+        acc2 = tl.zeros([BN, BK], dtype=tl.float32)
+    else:
+        acc3 = tl.zeros([BM, BN, BK], dtype=tl.float32)
     for t in range(t_lo, t_hi):
         o_k = t * BK + tl.arange(0, BK)
         b_x = tl.load(p_x + o_m[:, None] * stride_xm + o_k[None, :] * stride_xk,
@@ -105,8 +141,15 @@ def _nm_fwd_kernel(p_x, p_val, p_idx, p_b, p_y, M, N, K, G,
                             BN, BG, NN, MM, BITS)  # [BN, BK]
         if USE_DOT:
             acc = tl.dot(b_x, tl.trans(b_w), acc, input_precision=PRECISION, out_dtype=tl.float32)
+        elif BM == 1:
+            acc2 += b_w.to(tl.float32) * b_x.to(tl.float32)
         else:
-            acc += tl.sum(b_x.to(tl.float32)[:, None, :] * b_w.to(tl.float32)[None, :, :], axis=2)
+            acc3 += b_x.to(tl.float32)[:, None, :] * b_w.to(tl.float32)[None, :, :]
+    if not USE_DOT:
+        if BM == 1:
+            acc = tl.sum(acc2, axis=1)[None, :]
+        else:
+            acc = tl.sum(acc3, axis=2)
     m_y = m_m[:, None] & m_n[None, :]
     if SPLIT == 1:
         if HAS_BIAS:
@@ -138,7 +181,12 @@ def _nm_bwd_dx_kernel(p_dy, p_val, p_idx, p_dx, M, N, K, G,
     per_split = tl.cdiv(n_tiles, SPLIT)
     t_lo = i_s * per_split
     t_hi = min(t_lo + per_split, n_tiles)
-    acc = tl.zeros([BM, BK], dtype=tl.float32)
+    if USE_DOT:
+        acc = tl.zeros([BM, BK], dtype=tl.float32)
+    elif BM == 1:
+        acc2 = tl.zeros([BN, BK], dtype=tl.float32)
+    else:
+        acc3 = tl.zeros([BM, BN, BK], dtype=tl.float32)
     for t in range(t_lo, t_hi):
         o_n = t * BN + tl.arange(0, BN)
         m_n = o_n < N
@@ -148,8 +196,15 @@ def _nm_bwd_dx_kernel(p_dy, p_val, p_idx, p_dx, M, N, K, G,
                             BN, BG, NN, MM, BITS)  # [BN, BK]
         if USE_DOT:
             acc = tl.dot(b_dy, b_w, acc, input_precision=PRECISION, out_dtype=tl.float32)
+        elif BM == 1:
+            acc2 += b_w.to(tl.float32) * tl.reshape(b_dy, [BN, 1]).to(tl.float32)
         else:
-            acc += tl.sum(b_dy.to(tl.float32)[:, :, None] * b_w.to(tl.float32)[None, :, :], axis=1)
+            acc3 += b_dy.to(tl.float32)[:, :, None] * b_w.to(tl.float32)[None, :, :]
+    if not USE_DOT:
+        if BM == 1:
+            acc = tl.sum(acc2, axis=0)[None, :]
+        else:
+            acc = tl.sum(acc3, axis=1)
     m_dx = m_m[:, None] & (o_k < K)[None, :]
     if SPLIT == 1:
         tl.store(p_dx + o_m[:, None] * stride_dxm + o_k[None, :], acc.to(p_dx.dtype.element_ty), mask=m_dx)
@@ -378,8 +433,9 @@ _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
 
 def compile_variants():
-    """Yield ``(label, kernel, signature, constexprs, options)`` for every config x dtype, and every
-    pattern on one dot and one broadcast-sum config, for both kernels."""
+    """Yield ``(label, kernel, signature, constexprs, options, attrs)`` for every config x dtype, and every
+    pattern on one dot and one broadcast-sum config, for both kernels, each as a ragged and an aligned
+    launch (see ``_compile.specializations``)."""
     pattern_cfgs = {CONFIGS[0], CONFIGS[7]}
     for kname, kern in (("fwd", _nm_fwd_kernel), ("bwd_dx", _nm_bwd_dx_kernel)):
         for cfg in (*CONFIGS, INTERPRET_CONFIG):
@@ -402,9 +458,12 @@ def compile_variants():
                              "BK": cfg.BK, "GROUP_M": cfg.GROUP_M, "NN": n, "MM": m, "BITS": index_bits(m),
                              "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
                     label = f"nm_matmul.{kname} {cfg} {str(dtype)[6:]} {n}:{m}"
-                    yield label, kern, sig, const, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+                    unit = ("stride_xk",) if kname == "fwd" else ("stride_dyn",)
+                    yield from specializations(label, kern, sig, const,
+                                               {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, unit)
     for dtype, ptr in _PTR.items():
         for has_bias in (False, True):
             sig = {"p_ws": "*fp32", "p_b": ptr, "p_y": ptr, "MN": "i32", "N": "i32", "SPLIT": "i32"}
-            yield (f"nm_matmul.split_reduce {str(dtype)[6:]} bias={has_bias}", _split_reduce_kernel, sig,
-                   {"HAS_BIAS": has_bias, "BLOCK": 1024}, {"num_warps": 4})
+            yield from specializations(f"nm_matmul.split_reduce {str(dtype)[6:]} bias={has_bias}",
+                                       _split_reduce_kernel, sig, {"HAS_BIAS": has_bias, "BLOCK": 1024},
+                                       {"num_warps": 4})

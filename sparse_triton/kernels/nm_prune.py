@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ..formats.nm import index_bits, indices_per_word
+from ._compile import specializations
 
 
 @triton.jit
@@ -128,8 +129,8 @@ def nm_prune_compress(w: torch.Tensor, n: int, m: int,
 
 
 def compile_variants():
-    """Yield ``(label, kernel, signature, constexprs, options)``: every m in 2..16 at n = 1, m // 2 and
-    m - 1 in fp16, and 2:4, 2:8, 8:16 in bf16 and fp32."""
+    """Yield ``(label, kernel, signature, constexprs, options, attrs)``: every m in 2..16 at n = 1, m // 2
+    and m - 1 in fp16, and 2:4, 2:8, 8:16 in bf16 and fp32, each as a ragged and an aligned launch."""
     ptrs = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
     cases = [(torch.float16, n, m) for m in range(2, 17) for n in sorted({1, m // 2, m - 1})]
     cases += [(dt, n, m) for dt in (torch.bfloat16, torch.float32) for n, m in ((2, 4), (2, 8), (8, 16))]
@@ -142,4 +143,5 @@ def compile_variants():
         const = {"NN": n, "MM": m, "MP": triton.next_power_of_2(m), "BITS": index_bits(m), "BR": cfg.BR,
                  "BG": BG, "BWP": triton.next_power_of_2(BG * n // indices_per_word(m))}
         label = f"nm_prune {str(dtype)[6:]} {n}:{m} BR={cfg.BR}"
-        yield label, _nm_prune_kernel, sig, const, {"num_warps": cfg.num_warps}
+        yield from specializations(label, _nm_prune_kernel, sig, const, {"num_warps": cfg.num_warps},
+                                   unit=("stride_wk",))

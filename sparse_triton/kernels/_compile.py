@@ -1,0 +1,25 @@
+"""Launch specializations for the ahead-of-time compile check (``tests/compile_sm90.py``).
+
+At launch, Triton specializes integer arguments equal to 1 into constants and marks pointers and
+integers divisible by 16 as such. The compiled code differs between the two cases (vector widths,
+async copies and so shared memory), so every variant is checked twice: as a ragged launch (nothing
+known) and as an aligned one (real-model shapes: every pointer and size a multiple of 16, unit
+strides folded to 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+
+def specializations(label: str, kernel, signature: dict, constexprs: dict, options: dict,
+                    unit: tuple[str, ...] = ()) -> Iterator[tuple]:
+    """Yield ``(label, kernel, signature, constexprs, options, attrs)`` for the ragged and aligned launch.
+
+    ``unit`` names the stride arguments that are 1 in the aligned case.
+    """
+    yield f"{label} ragged", kernel, signature, constexprs, options, {}
+    sig = {k: v for k, v in signature.items() if k not in unit}
+    const = {**constexprs, **dict.fromkeys(unit, 1)}
+    attrs = {(kernel.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items() if k != "M"}
+    yield f"{label} aligned", kernel, sig, const, options, attrs
