@@ -6,8 +6,9 @@
 # Needs only what the GPU machine has: python with torch + triton (+ pytest; matplotlib for the plots).
 # Nothing is installed; the repository is put on PYTHONPATH. Steps:
 #   env          nvidia-smi summary and versions (python -m perf.harness env)
-#   gpu-tests    python -m pytest tests -m gpu -q, with TRITON_INTERPRET unset and
-#                SPARSE_TRITON_GPU_TESTS=1 (tests/conftest.py must then not force the interpreter)
+#   gpu-tests    python -m pytest tests -n 8 -q, with TRITON_INTERPRET unset and
+#                SPARSE_TRITON_GPU_TESTS=1: the whole test suite on CUDA, compiled, plus the gpu-marked
+#                tests (bf16, every config, CUDA graphs)
 #   perf:<name>  python -m perf.suites.<name> --quick --budget-s ..., for every perf/suites/*.py
 #   plot         python perf/plot.py perf/results/<gpu-slug>
 #   copy         perf/results/<gpu-slug>/ -> OUTDIR/results/, logs are in OUTDIR/logs/ (when OUTDIR given)
@@ -26,7 +27,7 @@ OUTDIR=${1:-}
 PY=${PYTHON:-python}
 BUDGET_S=${GPU_CHECK_BUDGET_S:-540}
 ENV_TIMEOUT_S=60
-TESTS_TIMEOUT_S=${GPU_CHECK_TESTS_TIMEOUT_S:-180}
+TESTS_TIMEOUT_S=${GPU_CHECK_TESTS_TIMEOUT_S:-240}
 SUITE_TIMEOUT_S=${GPU_CHECK_SUITE_TIMEOUT_S:-260}
 PLOT_TIMEOUT_S=${GPU_CHECK_PLOT_TIMEOUT_S:-60}
 RESERVE_S=45          # kept back for plot + copy while earlier steps run
@@ -107,7 +108,7 @@ RESULTS="perf/results/$SLUG"
 
 # --- (b) GPU test tier -----------------------------------------------------------------------------
 run_step gpu-tests "$(step_timeout "$TESTS_TIMEOUT_S" "$RESERVE_S")" \
-    "$PY" -m pytest tests -m gpu -q -p no:cacheprovider
+    "$PY" -m pytest tests -q -p no:cacheprovider -n 8
 
 # --- (c) perf suites, --quick; the time left is shared among the suites not yet run -----------------
 SUITES=()

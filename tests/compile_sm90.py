@@ -5,7 +5,7 @@ the interpreter accepts code the GPU compiler rejects (tl.dot with K < 16, loop-
 non-constexpr globals), so this is the check that the kernels really build. Each kernel module in
 ``sparse_triton.kernels`` lists its variants in ``compile_variants()``, each as a ragged and an aligned
 launch specialization (``sparse_triton/kernels/_compile.py``). Fails on any compile error or
-on shared memory above the H100 per-block limit.
+on shared memory above the H100 per-block limit, or on any spill to local memory (stack).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import argparse
 import importlib
 import os
 import pkgutil
+import re
+import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -46,7 +48,25 @@ def _compile_one(key):
                                   target=GPUTarget("cuda", 90, 32), options=options)
     except Exception as e:  # noqa: BLE001 - report every failure, keep going
         return label, None, time.perf_counter() - t0, f"{type(e).__name__}: {str(e)[-2000:]}"
-    return label, compiled.metadata.shared, time.perf_counter() - t0, None
+    return label, _resources(compiled), time.perf_counter() - t0, None
+
+
+def _resources(compiled) -> dict:
+    """Registers and stack (spills) from the cubin, as cuobjdump reports them, plus shared memory."""
+    import tempfile
+
+    from triton.backends.nvidia import compiler as nv
+
+    usage = {"SHARED": compiled.metadata.shared}
+    cuobjdump = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    for key in ("REG", "STACK"):
+        found = re.search(rf"\b{key}:(\d+)", out)
+        usage[key] = int(found.group(1)) if found else None
+    return usage
 
 
 def main() -> int:
@@ -61,14 +81,16 @@ def main() -> int:
     t0 = time.perf_counter()
     failures = 0
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for label, shared, secs, err in pool.map(_compile_one, keys):
-            if err is None and shared > H100_SMEM_LIMIT:
-                err = f"shared memory {shared} B > H100 limit {H100_SMEM_LIMIT} B"
+        for label, res, secs, err in pool.map(_compile_one, keys):
+            if err is None and res["SHARED"] > H100_SMEM_LIMIT:
+                err = f"shared memory {res['SHARED']} B > H100 limit {H100_SMEM_LIMIT} B"
+            if err is None and res["STACK"]:
+                err = f"spills: {res['STACK']} B of stack (REG:{res['REG']})"
             if err is not None:
                 failures += 1
                 print(f"FAIL {label}: {err}")
             else:
-                print(f"ok   {label}  shared={shared} B  {secs:.1f}s")
+                print(f"ok   {label}  REG:{res['REG']} shared={res['SHARED']} B  {secs:.1f}s")
     print(f"compile_sm90: {len(keys) - failures} passed, {failures} failed "
           f"({len(keys)} variants in {time.perf_counter() - t0:.0f}s)")
     return 1 if failures or not keys else 0

@@ -2,6 +2,7 @@
 no host syncs. Collected everywhere, skipped without a CUDA GPU (see conftest)."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -37,19 +38,50 @@ def test_bf16_forward_backward(M, n, m):
     assert rel_err(gv, w_nm.gather(dy.double().t() @ x.double())) < 1e-2
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("cfg", [*kernel.CONFIGS], ids=lambda c: f"{'dot' if c.USE_DOT else 'sum'}{c.BM}x{c.BN}x{c.BK}")
-def test_every_config_compiled(cfg, dtype):
+def _config_cases():
+    for cfg in kernel.CONFIGS:
+        for dtype in kernel._config_dtypes(cfg):
+            yield pytest.param(cfg, dtype, id=f"{kernel.config_label(cfg)}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("cfg,dtype", list(_config_cases()))
+@pytest.mark.parametrize("split", [1, 3])
+def test_every_config_compiled(cfg, dtype, split, monkeypatch):
+    tf32 = cfg in kernel.TF32_CONFIGS.values()
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    cfg = replace(cfg, SPLIT=split)
     M, N, K = max(1, cfg.BM - 3), 300, 700
     x = torch.randn(M, K, device="cuda", dtype=dtype)
     values, indices = ref_prune.nm_prune_compress(torch.randn(N, K, device="cuda", dtype=dtype), 2, 4)
-    y = kernel.nm_matmul_fwd(x, values, indices, None, 2, 4, K, config=cfg)
+    b = torch.randn(N, device="cuda", dtype=dtype)
+    y = kernel.nm_matmul_fwd(x, values, indices, b, 2, 4, K, config=cfg)
     dense = st.NMTensor(values, indices, (N, K), 2, 4).to_dense().double()
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    assert rel_err(y, x.double() @ dense.t()) < tol
+    tol = 1e-5 if dtype == torch.float32 and not tf32 else 1e-2
+    assert rel_err(y, x.double() @ dense.t() + b.double()) < tol
     dy = torch.randn(M, N, device="cuda", dtype=dtype)
     dx = kernel.nm_matmul_bwd_dx(dy, values, indices, 2, 4, K, config=cfg)
     assert rel_err(dx, dy.double() @ dense) < tol
+
+
+def test_gather_kernel_on_gpu():
+    from sparse_triton.kernels import nm_prune as prune_kernel
+
+    dense = torch.randn(4096, 4096 + 5, device="cuda", dtype=torch.bfloat16)
+    for n, m in PATTERNS:
+        _, indices = ref_prune.nm_prune_compress(torch.randn_like(dense), n, m)
+        got = prune_kernel.nm_gather(dense, indices, n, m)
+        assert torch.equal(got, ref_prune.nm_gather(dense, indices, n, m))
+
+
+def test_launch_follows_the_tensors_device():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs: checks that a launch runs on its tensors' device, not the current one")
+    w_nm = st.nm_compress(torch.randn(256, 512, device="cuda:1", dtype=torch.float16), 2, 4)
+    x = torch.randn(3, 512, device="cuda:1", dtype=torch.float16)
+    with torch.cuda.device(0):
+        y = st.nm_linear(x, w_nm)
+    assert y.device == x.device
+    assert rel_err(y, F.linear(x.double(), w_nm.to_dense().double())) < 1e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -102,3 +134,12 @@ def test_cuda_graph_capture_and_no_host_sync():
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert math.isfinite(static_y.float().sum().item())
+
+
+def test_exact_fp32_past_decode_matches_cublas(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    w_nm = st.nm_compress(torch.randn(512, 1024, device="cuda"), 2, 4)
+    for M in (1, 8, 9, 300):
+        x = torch.randn(M, 1024, device="cuda")
+        ref = F.linear(x.double(), w_nm.to_dense().double())
+        assert rel_err(st.nm_linear(x, w_nm), ref) < 1e-6

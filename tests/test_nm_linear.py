@@ -138,3 +138,41 @@ def test_sparse_linear_under_autocast(device):
     dense = torch.nn.functional.linear(x.detach().to(dtype).double(), layer.weight.detach().to(dtype).double(),
                                        layer.bias.detach().to(dtype).double())
     assert ((y.double() - dense).norm() / dense.norm()).item() < 1e-2
+
+
+def test_bf16_on_cpu_runs_the_reference(device, monkeypatch):
+    # The interpreter computes bf16 wrongly, so CPU bf16 must never reach an interpreted kernel.
+    if device == "cpu":
+        from sparse_triton.kernels import nm_matmul as kernel
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("bf16 on CPU reached a Triton kernel")
+
+        monkeypatch.setattr(kernel, "nm_matmul_fwd", refuse)
+    x, w_nm, b = setup((6,), 32, 64, 2, 4, torch.bfloat16, device)
+    ref = F.linear(x.double(), w_nm.to_dense().double(), b.double())
+    y = st.nm_linear(x, w_nm, b)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_cpu_without_interpreter_runs_the_reference():
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, sparse_triton as st\n"
+        "from sparse_triton.kernels import nm_matmul, nm_prune\n"
+        "def refuse(*a, **k):\n"
+        "    raise AssertionError('a Triton kernel ran on CPU without TRITON_INTERPRET')\n"
+        "nm_matmul.nm_matmul_fwd = nm_matmul.nm_matmul_bwd_dx = nm_prune.nm_prune_compress = refuse\n"
+        "w = st.nm_compress(torch.randn(32, 64), 2, 4)\n"
+        "x = torch.randn(5, 64, requires_grad=True)\n"
+        "y = st.nm_linear(x, w)\n"
+        "y.sum().backward()\n"
+        "assert torch.allclose(y, torch.nn.functional.linear(x, w.to_dense()), atol=1e-5)\n"
+        "print('reference ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "reference ok" in out.stdout, out.stderr[-2000:]

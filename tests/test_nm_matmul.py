@@ -1,6 +1,7 @@
 """kernels/nm_matmul.py vs its reference twin (fp64), for every config, pattern and dtype."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,11 +14,12 @@ from sparse_triton.reference import nm_prune as ref_prune
 TOL = {torch.float32: (1e-5, 2e-6), torch.float16: (1e-3, 1e-3), torch.bfloat16: (8e-3, 8e-3)}
 PATTERNS = [(2, 4), (1, 4), (2, 8), (4, 8), (3, 8), (8, 16), (1, 2)]
 CONFIGS = [*kernel.CONFIGS, kernel.INTERPRET_CONFIG]
+SPLIT_CONFIGS = [replace(kernel.GEMV_CONFIGS[2], SPLIT=3), replace(kernel.DOT_CONFIGS[16], SPLIT=3)]
 SHAPES = [(1, 40, 100), (5, 64, 64), (33, 70, 300), (3, 17, 7)]
 
 
 def cfg_id(c):
-    return f"{'dot' if c.USE_DOT else 'sum'}{c.BM}x{c.BN}x{c.BK}s{c.SPLIT}"
+    return f"{kernel.config_label(c)}-split{c.SPLIT}"
 
 
 def assert_close(out, ref, K):
@@ -36,11 +38,11 @@ def make(M, N, K, n, m, dtype, device, bias=True):
 
 
 def cases():
-    for cfg in CONFIGS:
+    for cfg in CONFIGS + SPLIT_CONFIGS:
         for M, N, K in SHAPES:
             if cfg.USE_DOT or M <= 2 * cfg.BM:  # broadcast-sum configs are for tiny M only
                 yield pytest.param(cfg, M, N, K, 2, 4, id=f"{cfg_id(cfg)}-{M}x{N}x{K}-2:4")
-    for cfg in (kernel.CONFIGS[0], kernel.CONFIGS[7]):
+    for cfg in (kernel.GEMV_CONFIGS[1], kernel.DOT_CONFIGS[256]):
         for n, m in PATTERNS[1:]:
             for M, N, K in SHAPES[:2]:
                 if cfg.USE_DOT or M <= 2 * cfg.BM:
@@ -120,8 +122,49 @@ def test_pick_split():
     s = kernel._pick_split(out_tiles=32, red_tiles=64, sms=132)
     assert 1 < s <= 16 and 32 * s <= 4 * 132 * 2
     assert kernel._pick_split(out_tiles=1, red_tiles=2, sms=132) == 1  # nothing to split
+    assert kernel._pick_split(out_tiles=1, red_tiles=1000, sms=132, max_split=2) == 2
+
+
+@pytest.fixture
+def h100(monkeypatch):
+    """The CUDA branch of the heuristic with an H100's 132 SMs, on any machine."""
+    monkeypatch.setattr(kernel, "_sm_count", lambda index: 132)
+    kernel.heuristic_config.cache_clear()
+    yield
+    kernel.heuristic_config.cache_clear()
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 8, 9, 16, 17, 32, 64, 256, 257, 4096])
+@pytest.mark.parametrize("dtype,precision", [(torch.float16, "tf32"), (torch.bfloat16, "tf32"),
+                                             (torch.float32, "tf32"), (torch.float32, "ieee")], ids=str)
+def test_heuristic_picks_listed_configs(M, dtype, precision, h100):
+    for for_dx in (False, True):
+        cfg = kernel.heuristic_config(M, 4096, 4096, dtype, precision, 0, for_dx, 4096 * 2048 * 2)
+        assert replace(cfg, SPLIT=1) in kernel.CONFIGS
+        assert cfg.BM >= min(M, 8) or cfg.USE_DOT
+        assert cfg.USE_DOT == (M > 8 and precision == "tf32")  # exact fp32 never uses an ieee tl.dot
+
+
+@pytest.mark.parametrize("N,K", [(4096, 4096), (1024, 4096), (4096, 14336), (14336, 4096)])
+def test_decode_grid_fills_the_gpu(N, K, h100):
+    # M = 1: enough programs for the 132 SMs, counted with each kernel's own output tiling.
+    for for_dx, out_cols, red in ((False, N, K), (True, K, N)):
+        cfg = kernel.heuristic_config(1, out_cols, red, torch.float16, "tf32", 0, for_dx, N * K)
+        out_tile, red_tile = (cfg.BK, cfg.BN) if for_dx else (cfg.BN, cfg.BK)
+        programs = -(-out_cols // out_tile) * cfg.SPLIT
+        assert programs >= 2 * 132 or cfg.SPLIT == 16, (for_dx, cfg, programs)
+        assert -(-red // red_tile) >= 2 * cfg.SPLIT  # every split has work
+
+
+def test_split_workspace_is_capped(h100):
+    # M = 64 on 4096 x 4096 2:4 fp16: the fp32 workspace stays under a quarter of the weight bytes.
+    weight_bytes = 4096 * 2048 * 2 + 4096 * 128 * 4
+    cfg = kernel.heuristic_config(64, 4096, 4096, torch.float16, "tf32", 0, False, weight_bytes)
+    assert cfg.SPLIT * 64 * 4096 * 4 <= weight_bytes // 4
 
 
 def test_interpreter_uses_one_config():
-    cpu = torch.device("cpu")
-    assert {kernel.heuristic_config(M, 4096, 4096, cpu) for M in (1, 16, 4096)} == {kernel.INTERPRET_CONFIG}
+    x = torch.empty(5, 64)
+    v, i = torch.empty(32, 32), torch.empty(32, 2, dtype=torch.int32)
+    assert kernel._config(5, 32, 64, x, v, i, for_dx=False) == kernel.INTERPRET_CONFIG
+    assert kernel._config(4096, 32, 64, x, v, i, for_dx=True) == kernel.INTERPRET_CONFIG

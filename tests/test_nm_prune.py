@@ -71,3 +71,23 @@ def test_prune_kernel_rejects_bad_out_and_dtype(device):
 def test_heuristic_config_is_power_of_two(n, m):
     br = kernel.heuristic_config(n, m).BR
     assert br >= 1 and br & (br - 1) == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,m", PATTERNS, ids=PIDS)
+@pytest.mark.parametrize("R,K", [(1, 1), (5, 17), (33, 300)], ids=lambda v: str(v))
+def test_gather_kernel_matches_reference(R, K, n, m, dtype, device):
+    _, indices = reference.nm_prune_compress(torch.randn(R, K), n, m)
+    dense = torch.randn(R, K, dtype=dtype)
+    out = torch.full((R, -(-K // m) * n), float("nan"), dtype=dtype, device=device)
+    got = kernel.nm_gather(dense.to(device), indices.to(device), n, m, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.equal(got.cpu(), reference.nm_gather(dense, indices, n, m))
+
+
+def test_gather_kernel_strided_and_empty(device):
+    dense = torch.randn(64, 40, device=device).t()  # [40, 64], column-major
+    _, indices = reference.nm_prune_compress(torch.randn(40, 64), 2, 8)
+    got = kernel.nm_gather(dense, indices.to(device), 2, 8)
+    assert torch.equal(got.cpu(), reference.nm_gather(dense.cpu(), indices, 2, 8))
+    assert kernel.nm_gather(torch.randn(0, 16, device=device), indices[:0].to(device), 2, 8).shape == (0, 4)

@@ -1,4 +1,5 @@
-"""Launch specializations for the ahead-of-time compile check (``tests/compile_sm90.py``).
+"""Launch helpers shared by the kernel modules, and the launch specializations for the ahead-of-time
+compile check (``tests/compile_sm90.py``).
 
 At launch, Triton specializes integer arguments equal to 1 into constants and marks pointers and
 integers divisible by 16 as such. The compiled code differs between the two cases (vector widths,
@@ -9,15 +10,29 @@ strides folded to 1).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
+
+import torch
+from triton.runtime.jit import JITFunction
+
+
+def on_device(t: torch.Tensor):
+    """Make ``t``'s GPU current for a launch (Triton launches on the current device and its stream)."""
+    if t.device.type == "cuda" and t.device.index is not None and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def specializations(label: str, kernel, signature: dict, constexprs: dict, options: dict,
                     unit: tuple[str, ...] = ()) -> Iterator[tuple]:
     """Yield ``(label, kernel, signature, constexprs, options, attrs)`` for the ragged and aligned launch.
 
-    ``unit`` names the stride arguments that are 1 in the aligned case.
+    ``unit`` names the arguments that are 1 in the aligned case. ``kernel`` may be wrapped (e.g. by
+    ``triton.heuristics``); the check compiles the JIT function inside.
     """
+    while not isinstance(kernel, JITFunction):
+        kernel = kernel.fn
     yield f"{label} ragged", kernel, signature, constexprs, options, {}
     sig = {k: v for k, v in signature.items() if k not in unit}
     const = {**constexprs, **dict.fromkeys(unit, 1)}

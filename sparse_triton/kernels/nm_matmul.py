@@ -19,14 +19,15 @@ no atomics), adding the bias and casting on the way.
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
+from .._env import TRITON_INTERPRET as INTERPRET
 from ..formats.nm import index_bits
-from ._compile import specializations
+from ._compile import on_device, specializations
 
 # --------------------------------------------------------------------------------------------------
 # kernels
@@ -99,18 +100,19 @@ def _tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
     return first_m + (pid % width) % size_m, (pid % width) // size_m
 
 
+@triton.heuristics({"HAS_BIAS": lambda args: args["p_b"] is not None})
 @triton.jit
-def _nm_fwd_kernel(p_x, p_val, p_idx, p_b, p_y, M, N, K, G,
+def _nm_fwd_kernel(p_x, p_val, p_idx, p_b, p_y, M, N, K, G, SPLIT,
                    stride_xm, stride_xk, stride_vr, stride_ir, stride_ym, stride_ys,
-                   HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, USE_DOT: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr, USE_DOT: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                    NN: tl.constexpr, MM: tl.constexpr, BITS: tl.constexpr, PRECISION: tl.constexpr):
     """``Y[M, N] = X[M, K] @ W[N, K]^T (+ bias)``, W rebuilt from its N:M compressed form.
 
     p_x: ``[M, K]`` any strides; p_val ``[N, S]`` / p_idx ``[N, Wd]``: the compressed weight, NN:MM along
-    K; p_b: bias ``[N]`` (if HAS_BIAS); p_y: ``[M, N]`` with row stride ``stride_ym`` when SPLIT == 1,
-    else the fp32 workspace ``[SPLIT, M, N]`` (split stride ``stride_ys``). Grid: (row tiles x column
-    tiles, SPLIT).
+    K; p_b: bias ``[N]`` or None; p_y: ``[M, N]`` with row stride ``stride_ym``, or with USE_WS the fp32
+    workspace ``[SPLIT, M, N]`` (split stride ``stride_ys``) that ``_split_reduce_kernel`` folds.
+    Grid: (row tiles x column tiles, SPLIT).
     """
     BG: tl.constexpr = BK // MM
     i_m, i_n = _tile_ids(M, N, BM, BN, GROUP_M)
@@ -135,7 +137,7 @@ def _nm_fwd_kernel(p_x, p_val, p_idx, p_b, p_y, M, N, K, G,
         acc3 = tl.zeros([BM, BN, BK], dtype=tl.float32)
     for t in range(t_lo, t_hi):
         o_k = t * BK + tl.arange(0, BK)
-        b_x = tl.load(p_x + o_m[:, None] * stride_xm + o_k[None, :] * stride_xk,
+        b_x = tl.load(p_x + o_m[:, None] * stride_xm + o_k.to(tl.int64)[None, :] * stride_xk,
                       mask=m_m[:, None] & (o_k < K)[None, :], other=0.0)  # [BM, BK]
         b_w = _load_nm_tile(p_val, p_idx, o_n, m_n, t * BG, G, stride_vr, stride_ir,
                             BN, BG, NN, MM, BITS)  # [BN, BK]
@@ -151,7 +153,7 @@ def _nm_fwd_kernel(p_x, p_val, p_idx, p_b, p_y, M, N, K, G,
         else:
             acc = tl.sum(acc3, axis=2)
     m_y = m_m[:, None] & m_n[None, :]
-    if SPLIT == 1:
+    if not USE_WS:
         if HAS_BIAS:
             acc += tl.load(p_b + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
         tl.store(p_y + o_m[:, None] * stride_ym + o_n[None, :], acc.to(p_y.dtype.element_ty), mask=m_y)
@@ -160,15 +162,15 @@ def _nm_fwd_kernel(p_x, p_val, p_idx, p_b, p_y, M, N, K, G,
 
 
 @triton.jit
-def _nm_bwd_dx_kernel(p_dy, p_val, p_idx, p_dx, M, N, K, G,
+def _nm_bwd_dx_kernel(p_dy, p_val, p_idx, p_dx, M, N, K, G, SPLIT,
                       stride_dym, stride_dyn, stride_vr, stride_ir, stride_dxm, stride_dxs,
-                      SPLIT: tl.constexpr, USE_DOT: tl.constexpr,
+                      USE_WS: tl.constexpr, USE_DOT: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                       NN: tl.constexpr, MM: tl.constexpr, BITS: tl.constexpr, PRECISION: tl.constexpr):
     """``dX[M, K] = dY[M, N] @ W[N, K]``, W rebuilt from its N:M compressed form.
 
     p_dy: ``[M, N]`` any strides; p_val ``[N, S]`` / p_idx ``[N, Wd]``: the compressed weight; p_dx:
-    ``[M, K]`` with row stride ``stride_dxm`` when SPLIT == 1, else the fp32 workspace ``[SPLIT, M, K]``.
+    ``[M, K]`` with row stride ``stride_dxm``, or with USE_WS the fp32 workspace ``[SPLIT, M, K]``.
     Each program owns BK output columns (BK / MM whole groups) and walks the reduction over N.
     """
     BG: tl.constexpr = BK // MM
@@ -190,7 +192,7 @@ def _nm_bwd_dx_kernel(p_dy, p_val, p_idx, p_dx, M, N, K, G,
     for t in range(t_lo, t_hi):
         o_n = t * BN + tl.arange(0, BN)
         m_n = o_n < N
-        b_dy = tl.load(p_dy + o_m[:, None] * stride_dym + o_n[None, :] * stride_dyn,
+        b_dy = tl.load(p_dy + o_m[:, None] * stride_dym + o_n.to(tl.int64)[None, :] * stride_dyn,
                        mask=m_m[:, None] & m_n[None, :], other=0.0)  # [BM, BN]
         b_w = _load_nm_tile(p_val, p_idx, o_n, m_n, i_k * BG, G, stride_vr, stride_ir,
                             BN, BG, NN, MM, BITS)  # [BN, BK]
@@ -206,23 +208,26 @@ def _nm_bwd_dx_kernel(p_dy, p_val, p_idx, p_dx, M, N, K, G,
         else:
             acc = tl.sum(acc3, axis=1)
     m_dx = m_m[:, None] & (o_k < K)[None, :]
-    if SPLIT == 1:
+    if not USE_WS:
         tl.store(p_dx + o_m[:, None] * stride_dxm + o_k[None, :], acc.to(p_dx.dtype.element_ty), mask=m_dx)
     else:
         tl.store(p_dx + i_s.to(tl.int64) * stride_dxs + o_m[:, None] * stride_dxm + o_k[None, :], acc, mask=m_dx)
 
 
+@triton.heuristics({"HAS_BIAS": lambda args: args["p_b"] is not None})
 @triton.jit
 def _split_reduce_kernel(p_ws, p_b, p_y, MN, N, SPLIT, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """``y[i] = sum_s ws[s, i] (+ bias[i % N])`` over the flat ``[M * N]`` output.
 
-    p_ws: fp32 workspace ``[SPLIT, M * N]``; p_b: bias ``[N]``; p_y: contiguous output ``[M * N]``.
+    p_ws: fp32 workspace ``[SPLIT, M * N]``; p_b: bias ``[N]`` or None; p_y: contiguous output ``[M * N]``.
     """
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = o < MN
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(SPLIT):
-        acc += tl.load(p_ws + s * MN + o, mask=m, other=0.0)
+    p_s = p_ws + o
+    for _ in range(SPLIT):
+        acc += tl.load(p_s, mask=m, other=0.0)
+        p_s += MN  # pointer steps: split * MN may pass 2^31
     if HAS_BIAS:
         acc += tl.load(p_b + o % N, mask=m, other=0.0).to(tl.float32)
     tl.store(p_y + o, acc.to(p_y.dtype.element_ty), mask=m)
@@ -236,50 +241,57 @@ def _split_reduce_kernel(p_ws, p_b, p_y, MN, N, SPLIT, HAS_BIAS: tl.constexpr, B
 class NMMatmulConfig:
     """Launch config of ``_nm_fwd_kernel`` / ``_nm_bwd_dx_kernel``.
 
-    BM x BN x BK tiles (BK: the reduction tile for the forward, the output-column tile for dX; always
-    a multiple of m), SPLIT reduction splits, USE_DOT tensor cores vs broadcast-sum.
+    BM x BN x BK tiles: the forward's output is [BM, BN] and it reduces over K in BK steps; dX's output
+    is [BM, BK] (BK / m whole groups) and it reduces over N in BN steps. BK is always a multiple of m.
+    USE_DOT: tensor cores, else broadcast-sum (tiny M). SPLIT: programs sharing one reduction (a
+    launch argument, not a code shape: only SPLIT == 1 vs > 1 compiles differently).
     """
 
     BM: int
     BN: int
     BK: int
-    SPLIT: int = 1
     USE_DOT: bool = True
     GROUP_M: int = 8
     num_warps: int = 4
     num_stages: int = 2
-
-    def launch_kwargs(self) -> dict:
-        kw = asdict(self)
-        return kw
+    SPLIT: int = 1
 
 
-# Every config the heuristics below can return (the compile check builds each one for sm_90).
-# SPLIT is a launch-size choice, not a code-shape one, except 1 vs > 1; both are listed.
-CONFIGS: tuple[NMMatmulConfig, ...] = (
-    # decode / GEMV (M <= 8)
-    NMMatmulConfig(BM=1, BN=32, BK=256, SPLIT=4, USE_DOT=False, num_warps=4),
-    NMMatmulConfig(BM=2, BN=32, BK=256, SPLIT=4, USE_DOT=False, num_warps=4),
-    NMMatmulConfig(BM=4, BN=32, BK=128, SPLIT=4, USE_DOT=False, num_warps=4),
-    NMMatmulConfig(BM=8, BN=32, BK=64, SPLIT=4, USE_DOT=False, num_warps=4),
-    NMMatmulConfig(BM=1, BN=32, BK=256, SPLIT=1, USE_DOT=False, num_warps=4),
-    # small M on tensor cores
-    NMMatmulConfig(BM=16, BN=64, BK=128, SPLIT=4, num_warps=4),
-    NMMatmulConfig(BM=32, BN=64, BK=128, SPLIT=2, num_warps=4),
-    NMMatmulConfig(BM=64, BN=64, BK=64, SPLIT=1, num_warps=4, num_stages=3),
-    # large M
-    NMMatmulConfig(BM=128, BN=128, BK=64, SPLIT=1, num_warps=8, num_stages=3),
-    NMMatmulConfig(BM=128, BN=64, BK=64, SPLIT=1, num_warps=4, num_stages=3),
-)
+# Broadcast-sum tiles for tiny M keep BM * BN * BK <= 4096 fp32 partials (32 per thread).
+GEMV_CONFIGS = {
+    1: NMMatmulConfig(BM=1, BN=16, BK=128, USE_DOT=False),
+    2: NMMatmulConfig(BM=2, BN=16, BK=128, USE_DOT=False),
+    4: NMMatmulConfig(BM=4, BN=32, BK=32, USE_DOT=False),
+    8: NMMatmulConfig(BM=8, BN=16, BK=32, USE_DOT=False),
+}
+# Tensor-core tiles by token count, fp16 and bf16.
+DOT_CONFIGS = {
+    16: NMMatmulConfig(BM=16, BN=64, BK=64),
+    32: NMMatmulConfig(BM=32, BN=64, BK=64),
+    256: NMMatmulConfig(BM=64, BN=64, BK=64, num_stages=3),
+    None: NMMatmulConfig(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
+}
+# fp32 as tf32 (torch.backends.cuda.matmul.allow_tf32): fp32 tiles take twice the registers.
+TF32_CONFIGS = {
+    32: NMMatmulConfig(BM=32, BN=32, BK=32),
+    None: NMMatmulConfig(BM=32, BN=64, BK=32),
+}
+# fp32 with TF32 off runs the exact broadcast-sum path at any M (an "ieee" tl.dot spills on sm_90);
+# the op layer prefers dense cuBLAS for that case past M = 8.
+
+# Every config the heuristics can return (the compile check builds each one for sm_90).
+CONFIGS: tuple[NMMatmulConfig, ...] = (*GEMV_CONFIGS.values(), *DOT_CONFIGS.values(), *TF32_CONFIGS.values())
 
 # The single config used under TRITON_INTERPRET=1: large tiles keep the interpreter fast.
-INTERPRET_CONFIG = NMMatmulConfig(BM=32, BN=64, BK=128, SPLIT=1, USE_DOT=True)
+INTERPRET_CONFIG = NMMatmulConfig(BM=32, BN=64, BK=128)
+
+_MAX_SPLIT = 16
 
 
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def config_label(cfg: NMMatmulConfig) -> str:
+    """Short name of a config's code shape, e.g. ``dot64x64x64w4s3``."""
+    kind = "dot" if cfg.USE_DOT else "sum"
+    return f"{kind}{cfg.BM}x{cfg.BN}x{cfg.BK}w{cfg.num_warps}s{cfg.num_stages}"
 
 
 @functools.lru_cache(maxsize=16)
@@ -287,43 +299,55 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _pick_split(out_tiles: int, red_tiles: int, sms: int) -> int:
-    """Reduction splits so that about 4 programs per SM are in flight, capped by the work."""
-    if out_tiles >= 2 * sms:
-        return 1
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pick_split(out_tiles: int, red_tiles: int, sms: int, max_split: int = _MAX_SPLIT) -> int:
+    """Reduction splits so that about 4 programs per SM are in flight, capped by the work available
+    (each split keeps at least 2 reduction tiles) and by ``max_split``."""
     split = 1
-    while split < 16 and out_tiles * split < 4 * sms and red_tiles >= 2 * split * 2:
+    while (split * 2 <= max_split and out_tiles * split < 4 * sms and red_tiles >= 4 * split):
         split *= 2
     return split
 
 
-def heuristic_config(M: int, N_out: int, K_red: int, device: torch.device) -> NMMatmulConfig:
-    """Config for an output ``[M, N_out]`` with reduction length ``K_red`` (no tuning yet)."""
-    if _interpreting() or device.type != "cuda":
+def _base_config(M: int, dtype: torch.dtype, precision: str) -> NMMatmulConfig:
+    if M <= 8 or precision == "ieee":
+        return next((c for bm, c in GEMV_CONFIGS.items() if bm >= M), GEMV_CONFIGS[8])
+    table = TF32_CONFIGS if dtype == torch.float32 else DOT_CONFIGS
+    return next(c for cap, c in table.items() if cap is None or M <= cap)
+
+
+@functools.lru_cache(maxsize=4096)
+def heuristic_config(M: int, out_cols: int, red_len: int, dtype: torch.dtype, precision: str,
+                     device_index: int, for_dx: bool = False, weight_bytes: int = 0) -> NMMatmulConfig:
+    """Config for an output ``[M, out_cols]`` reducing over ``red_len`` on CUDA device ``device_index``.
+
+    The forward tiles its output with BN and reduces with BK; dX (``for_dx``) tiles with BK and
+    reduces with BN. The split fills the GPU when the output alone gives too few programs, keeping the
+    fp32 workspace under a quarter of the weight's bytes.
+    """
+    base = _base_config(M, dtype, precision)
+    out_tile, red_tile = (base.BK, base.BN) if for_dx else (base.BN, base.BK)
+    out_tiles = _cdiv(M, base.BM) * _cdiv(out_cols, out_tile)
+    ws_per_split = 4 * M * out_cols
+    max_split = max(1, min(_MAX_SPLIT, weight_bytes // (4 * ws_per_split))) if weight_bytes else _MAX_SPLIT
+    split = _pick_split(out_tiles, _cdiv(red_len, red_tile), _sm_count(device_index), max_split)
+    return replace(base, SPLIT=split)
+
+
+def _config(M: int, out_cols: int, red_len: int, a: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+            for_dx: bool) -> NMMatmulConfig:
+    if INTERPRET or a.device.type != "cuda":
         return INTERPRET_CONFIG
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    if M <= 8:
-        base = next(c for c in CONFIGS if not c.USE_DOT and c.BM >= M and c.SPLIT > 1)
-    elif M <= 16:
-        base = CONFIGS[5]
-    elif M <= 32:
-        base = CONFIGS[6]
-    elif M <= 256:
-        base = CONFIGS[7]
-    else:
-        base = CONFIGS[8]
-    out_tiles = triton.cdiv(M, base.BM) * triton.cdiv(N_out, base.BN)
-    split = _pick_split(out_tiles, triton.cdiv(K_red, base.BK), sms)
-    return NMMatmulConfig(**{**asdict(base), "SPLIT": split})
-
-
-def _dx_config(M: int, K: int, N_red: int, device: torch.device) -> NMMatmulConfig:
-    # dX tiles its output over K with BK columns and reduces over N with BN rows, so the roles of
-    # BN and BK swap against the forward; the same table serves.
-    return heuristic_config(M, K, N_red, device)
+    index = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    weight_bytes = values.numel() * values.element_size() + indices.numel() * 4
+    return heuristic_config(M, out_cols, red_len, a.dtype, _precision(a.dtype), index, for_dx, weight_bytes)
 
 
 def _precision(dtype: torch.dtype) -> str:
+    """``ieee`` for fp32 unless PyTorch allows TF32 for matmuls (then fp32 matches cuBLAS's TF32)."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
@@ -338,8 +362,9 @@ def _check_launch(a: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, 
         raise TypeError(f"{where}: kernels support float16, bfloat16 and float32, got {a.dtype}")
     if values.dtype != a.dtype:
         raise TypeError(f"{where}: dtype mismatch, input is {a.dtype} but values are {values.dtype}")
-    if values.stride(-1) != 1 or indices.stride(-1) != 1:
-        raise ValueError(f"{where}: values and indices must have a unit stride along their last dim")
+    for name, t in (("values", values), ("indices", indices)):
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{where}: {name} must have a unit stride along its last dim")
 
 
 def _output(out: torch.Tensor | None, shape: tuple[int, int], like: torch.Tensor, where: str) -> torch.Tensor:
@@ -353,9 +378,7 @@ def _output(out: torch.Tensor | None, shape: tuple[int, int], like: torch.Tensor
 def _finish_split(ws: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, N: int) -> None:
     MN = out.numel()
     BLOCK = 1024
-    _split_reduce_kernel[(triton.cdiv(MN, BLOCK),)](
-        ws, bias if bias is not None else ws, out, MN, N, ws.shape[0],
-        HAS_BIAS=bias is not None, BLOCK=BLOCK, num_warps=4)
+    _split_reduce_kernel[(_cdiv(MN, BLOCK),)](ws, bias, out, MN, N, ws.shape[0], BLOCK=BLOCK, num_warps=4)
 
 
 def nm_matmul_fwd(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias: torch.Tensor | None,
@@ -369,26 +392,26 @@ def nm_matmul_fwd(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, 
     _check_launch(x, values, indices, "nm_matmul_fwd")
     M = x.shape[0]
     N = values.shape[0]
-    G = triton.cdiv(K, m)
     y = _output(out, (M, N), x, "nm_matmul_fwd")
     if M == 0 or N == 0:
         return y
     if K == 0:
         return y.copy_(bias.expand(M, N)) if bias is not None else y.zero_()
-    cfg = config or heuristic_config(M, N, K, x.device)
+    cfg = config or _config(M, N, K, x, values, indices, for_dx=False)
     if cfg.BK % m:
         raise ValueError(f"nm_matmul_fwd: config BK={cfg.BK} is not a multiple of m={m}")
-    grid = (triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN), cfg.SPLIT)
-    out = y if cfg.SPLIT == 1 else torch.empty((cfg.SPLIT, M, N), dtype=torch.float32, device=x.device)
-    _nm_fwd_kernel[grid](
-        x, values, indices, bias if bias is not None else values, out, M, N, K, G,
-        x.stride(0), x.stride(1), values.stride(0), indices.stride(0), N, M * N,
-        HAS_BIAS=bias is not None, SPLIT=cfg.SPLIT, USE_DOT=cfg.USE_DOT,
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
-        NN=n, MM=m, BITS=index_bits(m), PRECISION=_precision(x.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if cfg.SPLIT > 1:
-        _finish_split(out, bias, y, N)
+    split = max(1, min(cfg.SPLIT, _cdiv(K, cfg.BK)))
+    grid = (_cdiv(M, cfg.BM) * _cdiv(N, cfg.BN), split)
+    ws = y if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+    with on_device(x):
+        _nm_fwd_kernel[grid](
+            x, values, indices, bias if split == 1 else None, ws, M, N, K, _cdiv(K, m), split,
+            x.stride(0), x.stride(1), values.stride(0), indices.stride(0), N, M * N,
+            USE_WS=split > 1, USE_DOT=cfg.USE_DOT, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
+            NN=n, MM=m, BITS=index_bits(m), PRECISION=_precision(x.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if split > 1:
+            _finish_split(ws, bias, y, N)
     return y
 
 
@@ -402,26 +425,26 @@ def nm_matmul_bwd_dx(dy: torch.Tensor, values: torch.Tensor, indices: torch.Tens
     """
     _check_launch(dy, values, indices, "nm_matmul_bwd_dx")
     M, N = dy.shape
-    G = triton.cdiv(K, m)
     dx = _output(out, (M, K), dy, "nm_matmul_bwd_dx")
     if M == 0 or K == 0:
         return dx
     if N == 0:
         return dx.zero_()
-    cfg = config or _dx_config(M, K, N, dy.device)
+    cfg = config or _config(M, K, N, dy, values, indices, for_dx=True)
     if cfg.BK % m:
         raise ValueError(f"nm_matmul_bwd_dx: config BK={cfg.BK} is not a multiple of m={m}")
-    grid = (triton.cdiv(M, cfg.BM) * triton.cdiv(K, cfg.BK), cfg.SPLIT)
-    out = dx if cfg.SPLIT == 1 else torch.empty((cfg.SPLIT, M, K), dtype=torch.float32, device=dy.device)
-    _nm_bwd_dx_kernel[grid](
-        dy, values, indices, out, M, N, K, G,
-        dy.stride(0), dy.stride(1), values.stride(0), indices.stride(0), K, M * K,
-        SPLIT=cfg.SPLIT, USE_DOT=cfg.USE_DOT,
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
-        NN=n, MM=m, BITS=index_bits(m), PRECISION=_precision(dy.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if cfg.SPLIT > 1:
-        _finish_split(out, None, dx, K)
+    split = max(1, min(cfg.SPLIT, _cdiv(N, cfg.BN)))
+    grid = (_cdiv(M, cfg.BM) * _cdiv(K, cfg.BK), split)
+    ws = dx if split == 1 else torch.empty((split, M, K), dtype=torch.float32, device=dy.device)
+    with on_device(dy):
+        _nm_bwd_dx_kernel[grid](
+            dy, values, indices, ws, M, N, K, _cdiv(K, m), split,
+            dy.stride(0), dy.stride(1), values.stride(0), indices.stride(0), K, M * K,
+            USE_WS=split > 1, USE_DOT=cfg.USE_DOT, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
+            NN=n, MM=m, BITS=index_bits(m), PRECISION=_precision(dy.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if split > 1:
+            _finish_split(ws, None, dx, K)
     return dx
 
 
@@ -432,33 +455,51 @@ _PATTERNS = ((2, 4), (1, 4), (2, 8), (4, 8), (3, 8), (8, 16), (1, 2))
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
 
+def _config_dtypes(cfg: NMMatmulConfig):
+    if cfg in TF32_CONFIGS.values():
+        return (torch.float32,)
+    if cfg in DOT_CONFIGS.values():
+        return (torch.float16, torch.bfloat16)
+    return tuple(_PTR)  # broadcast-sum: every dtype; the interpreter config: what the CPU tier runs
+
+
 def compile_variants():
-    """Yield ``(label, kernel, signature, constexprs, options, attrs)`` for every config x dtype, and every
-    pattern on one dot and one broadcast-sum config, for both kernels, each as a ragged and an aligned
-    launch (see ``_compile.specializations``)."""
-    pattern_cfgs = {CONFIGS[0], CONFIGS[7]}
+    """Yield ``(label, kernel, signature, constexprs, options, attrs)`` for every config x dtype x
+    (plain store | split workspace), and every pattern on one dot and one broadcast-sum config, for both
+    kernels, each as a ragged and an aligned launch (see ``_compile.specializations``)."""
+    pattern_cfgs = (*GEMV_CONFIGS.values(), *DOT_CONFIGS.values())
     for kname, kern in (("fwd", _nm_fwd_kernel), ("bwd_dx", _nm_bwd_dx_kernel)):
         for cfg in (*CONFIGS, INTERPRET_CONFIG):
-            for dtype, ptr in _PTR.items():
+            # The interpreter config only runs on CPU; compiling it in fp16 catches code the
+            # interpreter accepts and the GPU compiler rejects.
+            for dtype in (torch.float16,) if cfg is INTERPRET_CONFIG else _config_dtypes(cfg):
+                ptr = _PTR[dtype]
+                precision = "ieee" if dtype == torch.float32 and not cfg.USE_DOT else "tf32"
                 patterns = _PATTERNS if (cfg in pattern_cfgs and dtype == torch.float16) else ((2, 4),)
-                for n, m in patterns:
-                    out_ptr = ptr if cfg.SPLIT == 1 else "*fp32"
+                for (n, m), use_ws in [(p, False) for p in patterns] + [((2, 4), True)]:
+                    out_ptr = "*fp32" if use_ws else ptr
                     if kname == "fwd":
                         sig = {"p_x": ptr, "p_val": ptr, "p_idx": "*i32", "p_b": ptr, "p_y": out_ptr}
-                        names = ("M", "N", "K", "G", "stride_xm", "stride_xk", "stride_vr", "stride_ir",
-                                 "stride_ym", "stride_ys")
-                        flags = {"HAS_BIAS": True}
+                        names = ("M", "N", "K", "G", "SPLIT", "stride_xm", "stride_xk", "stride_vr",
+                                 "stride_ir", "stride_ym", "stride_ys")
+                        flags = {"HAS_BIAS": not use_ws}
+                        unit = ("stride_xk",)
                     else:
                         sig = {"p_dy": ptr, "p_val": ptr, "p_idx": "*i32", "p_dx": out_ptr}
-                        names = ("M", "N", "K", "G", "stride_dym", "stride_dyn", "stride_vr", "stride_ir",
-                                 "stride_dxm", "stride_dxs")
+                        names = ("M", "N", "K", "G", "SPLIT", "stride_dym", "stride_dyn", "stride_vr",
+                                 "stride_ir", "stride_dxm", "stride_dxs")
                         flags = {}
+                        unit = ("stride_dyn",)
                     sig.update(dict.fromkeys(names, "i32"))
-                    const = {**flags, "SPLIT": cfg.SPLIT, "USE_DOT": cfg.USE_DOT, "BM": cfg.BM, "BN": cfg.BN,
+                    if not use_ws:
+                        unit += ("SPLIT",)
+                    if cfg.BM == 1:
+                        unit += ("M",)  # decode: Triton folds M == 1 into the code
+                    const = {**flags, "USE_WS": use_ws, "USE_DOT": cfg.USE_DOT, "BM": cfg.BM, "BN": cfg.BN,
                              "BK": cfg.BK, "GROUP_M": cfg.GROUP_M, "NN": n, "MM": m, "BITS": index_bits(m),
-                             "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
-                    label = f"nm_matmul.{kname} {cfg} {str(dtype)[6:]} {n}:{m}"
-                    unit = ("stride_xk",) if kname == "fwd" else ("stride_dyn",)
+                             "PRECISION": precision}
+                    label = (f"nm_matmul.{kname} {config_label(cfg)} {str(dtype)[6:]} {n}:{m}"
+                             f"{' ws' if use_ws else ''}")
                     yield from specializations(label, kern, sig, const,
                                                {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, unit)
     for dtype, ptr in _PTR.items():

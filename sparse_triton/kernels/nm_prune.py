@@ -1,4 +1,5 @@
-"""Fused N:M prune + compress: dense ``W[R, K]`` -> ``values[R, S]`` + bit-packed ``indices[R, Wd]``.
+"""Fused N:M prune + compress: dense ``W[R, K]`` -> ``values[R, S]`` + bit-packed ``indices[R, Wd]``;
+and its fixed-mask sibling, the gather of a dense tensor at given kept positions.
 
 One read of the dense weight and one write of the compressed form (layout and selection rule in
 ``sparse_triton.formats.nm``: the ``n`` largest magnitudes per group, ties to the lower index, NaN
@@ -14,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ..formats.nm import index_bits, indices_per_word
-from ._compile import specializations
+from ._compile import on_device, specializations
 
 
 @triton.jit
@@ -37,7 +38,7 @@ def _nm_prune_kernel(p_w, p_val, p_idx, R, K, G, Wd,
     o_g = i_g * BG + tl.arange(0, BG)
     o_e = tl.arange(0, MP)
     m_r = o_r < R
-    o_k = o_g[:, None] * MM + o_e[None, :]  # [BG, MP]
+    o_k = (o_g[:, None] * MM + o_e[None, :]).to(tl.int64)  # [BG, MP]
     m_k = (o_e < MM)[None, :] & (o_k < K)
     m_w = m_r[:, None, None] & m_k[None, :, :]
     b_w = tl.load(p_w + o_r[:, None, None] * stride_wr + o_k[None, :, :] * stride_wk,
@@ -68,6 +69,36 @@ def _nm_prune_kernel(p_w, p_val, p_idx, R, K, G, Wd,
     o_wg = i_g * BW + o_w
     tl.store(p_idx + o_r[:, None] * stride_ir + o_wg[None, :], b_words,
              mask=m_r[:, None] & ((o_w < BW) & (o_wg < Wd))[None, :])
+
+
+@triton.jit
+def _nm_gather_kernel(p_d, p_idx, p_val, R, K, S,
+                      stride_dr, stride_dk, stride_ir, stride_vr,
+                      NN: tl.constexpr, MM: tl.constexpr, BITS: tl.constexpr,
+                      BR: tl.constexpr, BS: tl.constexpr):
+    """``values[r, j] = dense[r, (j // NN) * MM + position_j]`` for rows ``[i_r * BR, +BR)`` and slots
+    ``[i_s * BS, +BS)``: a dense tensor read at a compressed tensor's kept positions.
+
+    p_d: dense ``[R, K]`` (any strides); p_idx: int32 words ``[R, Wd]`` (row stride ``stride_ir``);
+    p_val: ``[R, S]`` (row stride ``stride_vr``). BS is a multiple of the positions per word, so each
+    program unpacks whole words it loads once. Positions past K (padding) read 0.
+    """
+    PER: tl.constexpr = 32 // BITS
+    BW: tl.constexpr = BS // PER
+    i_r = tl.program_id(0)
+    i_s = tl.program_id(1)
+    o_r = i_r.to(tl.int64) * BR + tl.arange(0, BR)
+    m_r = o_r < R
+    o_w = i_s * BW + tl.arange(0, BW)
+    b_word = tl.load(p_idx + o_r[:, None] * stride_ir + o_w[None, :],
+                     mask=m_r[:, None] & (o_w * PER < S)[None, :], other=0)  # [BR, BW]
+    o_sh = tl.arange(0, PER) * BITS
+    b_pos = tl.reshape((b_word[:, :, None] >> o_sh[None, None, :]) & ((1 << BITS) - 1), [BR, BS])
+    o_s = i_s * BS + tl.arange(0, BS)
+    o_k = (o_s // NN * MM)[None, :] + b_pos  # [BR, BS] dense column of each slot
+    m_s = m_r[:, None] & (o_s < S)[None, :]
+    b_v = tl.load(p_d + o_r[:, None] * stride_dr + o_k.to(tl.int64) * stride_dk, mask=m_s & (o_k < K), other=0.0)
+    tl.store(p_val + o_r[:, None] * stride_vr + o_s[None, :], b_v, mask=m_s)
 
 
 @dataclass(frozen=True)
@@ -120,17 +151,46 @@ def nm_prune_compress(w: torch.Tensor, n: int, m: int,
     BG = _groups_per_program(m)
     BW = BG * n // indices_per_word(m)
     grid = (triton.cdiv(R, cfg.BR), triton.cdiv(G, BG))
-    _nm_prune_kernel[grid](
-        w, values, indices, R, K, G, Wd,
-        w.stride(0), w.stride(1), values.stride(0), indices.stride(0),
-        NN=n, MM=m, MP=triton.next_power_of_2(m), BITS=index_bits(m),
-        BR=cfg.BR, BG=BG, BWP=triton.next_power_of_2(BW), num_warps=cfg.num_warps)
+    with on_device(w):
+        _nm_prune_kernel[grid](
+            w, values, indices, R, K, G, Wd,
+            w.stride(0), w.stride(1), values.stride(0), indices.stride(0),
+            NN=n, MM=m, MP=triton.next_power_of_2(m), BITS=index_bits(m),
+            BR=cfg.BR, BG=BG, BWP=triton.next_power_of_2(BW), num_warps=cfg.num_warps)
     return values, indices
 
 
+def nm_gather(dense: torch.Tensor, indices: torch.Tensor, n: int, m: int,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read ``dense[R, K]`` at the kept positions of an n:m compressed tensor with packed ``indices``.
+
+    Returns ``values[R, S]`` (``dense.dtype``, ``S = ceil(K / m) * n``), the layout of
+    ``NMTensor.values``: the gradient of compressed values is the dense gradient gathered this way.
+    """
+    if dense.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"nm_gather: kernels support float16, bfloat16 and float32, got {dense.dtype}")
+    R, K = dense.shape
+    S = triton.cdiv(K, m) * n
+    if out is None:
+        out = torch.empty((R, S), dtype=dense.dtype, device=dense.device)
+    elif tuple(out.shape) != (R, S) or out.dtype != dense.dtype or not out.is_contiguous():
+        raise ValueError(f"nm_gather: out must be a contiguous {dense.dtype} tensor of shape {(R, S)}")
+    if R == 0 or S == 0:
+        return out
+    BS = 128
+    BR = 16
+    grid = (triton.cdiv(R, BR), triton.cdiv(S, BS))
+    with on_device(dense):
+        _nm_gather_kernel[grid](
+            dense, indices, out, R, K, S, dense.stride(0), dense.stride(1), indices.stride(0), out.stride(0),
+            NN=n, MM=m, BITS=index_bits(m), BR=BR, BS=BS, num_warps=4)
+    return out
+
+
 def compile_variants():
-    """Yield ``(label, kernel, signature, constexprs, options, attrs)``: every m in 2..16 at n = 1, m // 2
-    and m - 1 in fp16, and 2:4, 2:8, 8:16 in bf16 and fp32, each as a ragged and an aligned launch."""
+    """Yield ``(label, kernel, signature, constexprs, options, attrs)`` for the prune and the gather
+    kernel: every m in 2..16 at n = 1, m // 2 and m - 1 in fp16, and 2:4, 2:8, 8:16 in bf16 and fp32,
+    each as a ragged and an aligned launch."""
     ptrs = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
     cases = [(torch.float16, n, m) for m in range(2, 17) for n in sorted({1, m // 2, m - 1})]
     cases += [(dt, n, m) for dt in (torch.bfloat16, torch.float32) for n, m in ((2, 4), (2, 8), (8, 16))]
@@ -145,3 +205,9 @@ def compile_variants():
         label = f"nm_prune {str(dtype)[6:]} {n}:{m} BR={cfg.BR}"
         yield from specializations(label, _nm_prune_kernel, sig, const, {"num_warps": cfg.num_warps},
                                    unit=("stride_wk",))
+    for dtype, n, m in cases:
+        sig = {"p_d": ptrs[dtype], "p_idx": "*i32", "p_val": ptrs[dtype]}
+        sig.update(dict.fromkeys(("R", "K", "S", "stride_dr", "stride_dk", "stride_ir", "stride_vr"), "i32"))
+        const = {"NN": n, "MM": m, "BITS": index_bits(m), "BR": 16, "BS": 128}
+        yield from specializations(f"nm_gather {str(dtype)[6:]} {n}:{m}", _nm_gather_kernel, sig, const,
+                                   {"num_warps": 4}, unit=("stride_dk",))

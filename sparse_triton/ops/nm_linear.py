@@ -3,7 +3,7 @@
 ``sparse_triton::nm_linear_fwd``       y  = x @ W^T (+ bias)        Triton kernel / reference
 ``sparse_triton::nm_linear_bwd_dx``    dx = dy @ W                  Triton kernel / reference
 ``sparse_triton::nm_linear_bwd_dvalues`` dvalues = (dy^T @ x) at W's kept positions (dense matmul
-                                        on cuBLAS, then a gather: the same flops as dense training)
+                                        on cuBLAS, then the gather kernel: the flops of dense training)
 
 ``NMLinearFunction`` composes them; ``torch.compile(fullgraph=True)`` traces it without breaks.
 """
@@ -16,15 +16,23 @@ import torch
 
 from ..formats.nm import NMTensor
 from ..kernels import nm_matmul as kernel
+from ..kernels import nm_prune as prune_kernel
 from ..reference import nm_matmul as reference
+from ..reference import nm_prune as prune_reference
 from ._dispatch import use_kernels
 
 # Group sizes the matmul kernels rebuild in registers (a power of two); others use the reference.
 KERNEL_M = (2, 4, 8, 16)
+# Exact fp32 (TF32 off) past this many rows goes to dense cuBLAS: without tensor cores the kernels'
+# exact path is a broadcast-sum, slower than SGEMM on the decompressed weight.
+IEEE_DENSE_MIN_ROWS = 9
 
 
 def _kernels_for(a: torch.Tensor, m: int) -> bool:
-    return m in KERNEL_M and use_kernels(a)
+    if m not in KERNEL_M or not use_kernels(a):
+        return False
+    ieee = a.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    return not (ieee and a.is_cuda and a.shape[0] >= IEEE_DENSE_MIN_ROWS)
 
 
 @torch.library.custom_op("sparse_triton::nm_linear_fwd", mutates_args=())
@@ -59,7 +67,10 @@ def _(dy, values, indices, n, m, K):
 def nm_linear_bwd_dvalues(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor,
                           n: int, m: int, K: int) -> torch.Tensor:
     """Gradient of the compressed values: ``(dy^T @ x)[N, K]`` at the kept positions, ``[N, S]``."""
-    return reference.nm_weight_grad(dy, x, indices, n, m, K)
+    dw = dy.t() @ x  # dense [N, K] on cuBLAS: the flops of dense training
+    if use_kernels(dw):
+        return prune_kernel.nm_gather(dw, indices.contiguous(), n, m)
+    return prune_reference.nm_gather(dw, indices, n, m)
 
 
 @nm_linear_bwd_dvalues.register_fake
@@ -80,7 +91,8 @@ class NMLinearFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, values, indices, bias, n, m, K = inputs
-        ctx.save_for_backward(x, values, indices)
+        # x is only needed for the values' gradient (a frozen sparse base keeps no activations).
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, values, indices)
         ctx.nmk = (n, m, K)
 
     @staticmethod

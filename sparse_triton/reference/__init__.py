@@ -3,7 +3,7 @@
 They are the test oracle and the CPU path (``ops/`` falls back to them where no kernel can run).
 """
 
-from .nm_matmul import nm_matmul_bwd_dx, nm_matmul_fwd, nm_weight_grad
-from .nm_prune import nm_prune_compress
+from .nm_matmul import nm_matmul_bwd_dx, nm_matmul_fwd
+from .nm_prune import nm_gather, nm_prune_compress
 
-__all__ = ["nm_matmul_bwd_dx", "nm_matmul_fwd", "nm_prune_compress", "nm_weight_grad"]
+__all__ = ["nm_gather", "nm_matmul_bwd_dx", "nm_matmul_fwd", "nm_prune_compress"]

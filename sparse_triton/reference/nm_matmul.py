@@ -29,12 +29,3 @@ def nm_matmul_bwd_dx(dy: torch.Tensor, values: torch.Tensor, indices: torch.Tens
     """
     dx = dy @ _dense(values, indices, n, m, K)
     return dx if out is None else out.copy_(dx)
-
-
-def nm_weight_grad(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor,
-                   n: int, m: int, K: int) -> torch.Tensor:
-    """Gradient of the compressed values: ``(dy^T @ x)`` at the kept positions, shaped like values."""
-    dw = dy.t() @ x  # [N, K]
-    S = NMTensor.slots_for(K, n, m)
-    proto = NMTensor(dw.new_empty(dw.shape[0], S), indices, dw.shape, n, m)
-    return proto.gather(dw)

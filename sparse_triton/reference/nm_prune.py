@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.nm import _grouped, _mask_last, pack_indices
+from ..formats.nm import NMTensor, _grouped, _mask_last, pack_indices
 
 
 def nm_prune_compress(w: torch.Tensor, n: int, m: int, config=None,
@@ -26,3 +26,12 @@ def nm_prune_compress(w: torch.Tensor, n: int, m: int, config=None,
         out[1].copy_(indices)
         return out
     return values, indices
+
+
+def nm_gather(dense: torch.Tensor, indices: torch.Tensor, n: int, m: int,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read ``dense[R, K]`` at the kept positions given by packed ``indices``: ``values[R, S]``."""
+    R, K = dense.shape
+    proto = NMTensor(dense.new_empty(R, NMTensor.slots_for(K, n, m)), indices, (R, K), n, m)
+    values = proto.gather(dense)
+    return values if out is None else out.copy_(values)
