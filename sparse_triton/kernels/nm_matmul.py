@@ -5,11 +5,17 @@ in ``sparse_triton.formats.nm``). Both kernels rebuild dense W tiles in register
 form, so a weight tile costs ``n/m`` of its dense bytes plus the index bits: at small M (decode) the op
 is bound by weight bandwidth and that ratio is the speedup.
 
+The rebuild (``_load_nm_tile``) reads a row's kept slots as one contiguous run (16-byte loads) and its
+packed index words once each, then places every slot at its position with selects inside each
+thread's registers; no lane exchanges and no shared memory on the broadcast-sum path.
+
 Two inner products, chosen per config:
 
-* ``USE_DOT``: ``tl.dot`` on tensor cores (M >= 16 per tile, prefill and training shapes);
-* otherwise a broadcast multiply + ``tl.sum`` (GEMV style, M <= 8): the rebuilt tile never leaves
-  registers and tiny M wastes no tensor-core padding.
+* ``USE_DOT``: ``tl.dot`` on tensor cores (M > 8: prefill and training shapes; fp32 as TF32 when
+  PyTorch allows TF32 for matmuls);
+* otherwise a broadcast multiply + ``tl.sum`` (GEMV style, M <= 8, and exact fp32): the rebuilt tile
+  never leaves registers, partial products stay per lane until one reduction after the K loop, and
+  tiny M wastes no tensor-core padding.
 
 Both split the reduction across ``SPLIT`` programs when the output alone gives too few programs to
 fill the GPU; partial sums go to an fp32 workspace that ``_split_reduce_kernel`` folds (deterministic,
