@@ -91,3 +91,15 @@ def test_gather_kernel_strided_and_empty(device):
     got = kernel.nm_gather(dense, indices.to(device), 2, 8)
     assert torch.equal(got.cpu(), reference.nm_gather(dense.cpu(), indices, 2, 8))
     assert kernel.nm_gather(torch.randn(0, 16, device=device), indices[:0].to(device), 2, 8).shape == (0, 4)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (2, 8), (8, 16), (1, 2)], ids=lambda v: str(v))
+@pytest.mark.parametrize("BR,BG", [(16, 32), (4, 32)], ids=lambda v: str(v))
+def test_groups_kernel_gpu_tiles(BR, BG, n, m, device):
+    # The GPU's tile sizes (the interpreter's default tiles are larger), over several ragged tiles.
+    w = _weight(37, 300, torch.float32, device)
+    cfg = kernel.NMPruneConfig(BR=BR, BG=BG, GROUPS=True)
+    values, indices = kernel.nm_prune_compress(w, n, m, config=cfg)
+    ref_v, ref_i = reference.nm_prune_compress(w.cpu(), n, m)
+    assert torch.equal(indices.cpu(), ref_i)
+    assert torch.equal(values.cpu().nan_to_num(), ref_v.nan_to_num())

@@ -14,8 +14,63 @@ import torch
 import triton
 import triton.language as tl
 
+from .._env import TRITON_INTERPRET as INTERPRET
 from ..formats.nm import index_bits, indices_per_word
 from ._compile import on_device, specializations
+
+
+@triton.jit
+def _nm_prune_groups_kernel(p_w, p_val, p_idx, R, K, G, Wd,
+                            stride_wr, stride_wk, stride_vr, stride_ir,
+                            NN: tl.constexpr, MM: tl.constexpr, BITS: tl.constexpr,
+                            BR: tl.constexpr, BG: tl.constexpr):
+    """Compress rows ``[i_r * BR, +BR)`` x groups ``[i_g * BG, +BG)`` with each group in one thread.
+
+    For patterns whose ``n`` divides the positions per word (every power-of-two n: 2:4, 1:4, 2:8, 4:8,
+    8:16, ...), so a group's positions never straddle two words. The group's ``MM`` members are held as
+    separate ``[BR, BG]`` tensors: ranking, slot assignment and packing are plain per-thread
+    arithmetic. Pointers and layouts as in ``_nm_prune_kernel``; BG is a multiple of the groups per word.
+    """
+    PER: tl.constexpr = 32 // BITS
+    GPW: tl.constexpr = PER // NN  # groups per index word (NN divides PER)
+    i_r = tl.program_id(0)
+    i_g = tl.program_id(1)
+    o_r = i_r.to(tl.int64) * BR + tl.arange(0, BR)
+    o_g = i_g * BG + tl.arange(0, BG)
+    m_r = o_r < R
+    m_g = m_r[:, None] & (o_g < G)[None, :]  # [BR, BG]
+    p_row = p_w + o_r[:, None] * stride_wr
+    xs = ()
+    keys = ()
+    for e in tl.static_range(MM):
+        o_k = o_g * MM + e
+        m_e = m_g & (o_k < K)[None, :]
+        b_x = tl.load(p_row + o_k.to(tl.int64)[None, :] * stride_wk, mask=m_e, other=0.0)
+        xs = xs + (b_x,)
+        keys = keys + (tl.where(m_e, tl.abs(b_x.to(tl.float32)).to(tl.int32, bitcast=True), -1),)
+    # rank of each member: how many members beat it (larger key, or equal key at a lower position)
+    kept = ()
+    for e in tl.static_range(MM):
+        rank = tl.zeros([BR, BG], dtype=tl.int32)
+        for e2 in tl.static_range(MM):
+            if e2 < e:
+                rank += (keys[e2] >= keys[e]).to(tl.int32)
+            elif e2 > e:
+                rank += (keys[e2] > keys[e]).to(tl.int32)
+        kept = kept + ((rank < NN) & m_g,)
+    # kept members in position order fill the slots
+    o_s = tl.zeros([BR, BG], dtype=tl.int32)
+    code = tl.zeros([BR, BG], dtype=tl.int32)
+    p_vrow = p_val + o_r[:, None] * stride_vr + (o_g * NN)[None, :]
+    for e in tl.static_range(MM):
+        tl.store(p_vrow + o_s, xs[e], mask=kept[e])
+        code += tl.where(kept[e], e << (o_s * BITS), 0)
+        o_s += kept[e].to(tl.int32)
+    # a group's slots are NN * BITS contiguous bits of one word; GPW groups share a word
+    o_gw = (tl.arange(0, BG) % GPW) * (NN * BITS)
+    words = tl.sum(tl.reshape(code << o_gw[None, :], [BR, BG // GPW, GPW]), axis=2)  # [BR, BG // GPW]
+    o_w = i_g * (BG // GPW) + tl.arange(0, BG // GPW)
+    tl.store(p_idx + o_r[:, None] * stride_ir + o_w[None, :], words, mask=m_r[:, None] & (o_w < Wd)[None, :])
 
 
 @triton.jit
@@ -23,7 +78,8 @@ def _nm_prune_kernel(p_w, p_val, p_idx, R, K, G, Wd,
                      stride_wr, stride_wk, stride_vr, stride_ir,
                      NN: tl.constexpr, MM: tl.constexpr, MP: tl.constexpr, BITS: tl.constexpr,
                      BR: tl.constexpr, BG: tl.constexpr, BWP: tl.constexpr):
-    """Compress rows ``[i_r * BR, +BR)`` x groups ``[i_g * BG, +BG)``.
+    """Compress rows ``[i_r * BR, +BR)`` x groups ``[i_g * BG, +BG)``, any pattern (the general path,
+    used when ``n`` does not divide the positions per word, e.g. 3:4, 3:8, 15:16).
 
     p_w: dense ``[R, K]`` (any strides); p_val: values ``[R, G * NN]`` (row stride ``stride_vr``);
     p_idx: int32 words ``[R, Wd]`` (row stride ``stride_ir``). ``BG * NN`` is a multiple of the
@@ -103,23 +159,25 @@ def _nm_gather_kernel(p_d, p_idx, p_val, R, K, S,
 
 @dataclass(frozen=True)
 class NMPruneConfig:
-    """Rows per program; the groups per program follow from the pattern (whole index words)."""
+    """Rows x groups per program, and which kernel: GROUPS (one group per thread, n divides the
+    positions per word) or the general one (a [BR, BG, MP, MP] rank tile; BG is one word's groups)."""
 
     BR: int
+    BG: int
+    GROUPS: bool
     num_warps: int = 4
 
 
-def _groups_per_program(m: int) -> int:
-    # One program covers indices_per_word(m) groups: n whole words whatever n is.
-    return indices_per_word(m)
-
-
 def heuristic_config(n: int, m: int) -> NMPruneConfig:
-    """Rows per program so that the [BR, BG, MP, MP] rank tile stays around 4k elements."""
+    """A config per pattern: about 2k elements per program in-thread, a ~4k-element rank tile otherwise."""
+    if indices_per_word(m) % n == 0:
+        if INTERPRET:  # the interpreter pays per program, not per element: few, large programs
+            return NMPruneConfig(BR=32, BG=128, GROUPS=True)
+        return NMPruneConfig(BR=16 if m <= 4 else 4, BG=32, GROUPS=True)
     MP = triton.next_power_of_2(m)
-    per_row = _groups_per_program(m) * MP * MP
-    fit = max(1, min(32, 4096 // per_row))
-    return NMPruneConfig(BR=1 << (fit.bit_length() - 1))  # largest power of two <= fit
+    BG = indices_per_word(m)  # whole words whatever n is
+    fit = max(1, min(32, 4096 // (BG * MP * MP)))
+    return NMPruneConfig(BR=1 << (fit.bit_length() - 1), BG=BG, GROUPS=False)  # largest power of two <= fit
 
 
 def nm_prune_compress(w: torch.Tensor, n: int, m: int,
@@ -148,15 +206,16 @@ def nm_prune_compress(w: torch.Tensor, n: int, m: int,
     if R == 0 or K == 0:
         return values, indices
     cfg = config or heuristic_config(n, m)
-    BG = _groups_per_program(m)
-    BW = BG * n // indices_per_word(m)
-    grid = (triton.cdiv(R, cfg.BR), triton.cdiv(G, BG))
+    grid = (triton.cdiv(R, cfg.BR), triton.cdiv(G, cfg.BG))
+    args = (w, values, indices, R, K, G, Wd, w.stride(0), w.stride(1), values.stride(0), indices.stride(0))
     with on_device(w):
-        _nm_prune_kernel[grid](
-            w, values, indices, R, K, G, Wd,
-            w.stride(0), w.stride(1), values.stride(0), indices.stride(0),
-            NN=n, MM=m, MP=triton.next_power_of_2(m), BITS=index_bits(m),
-            BR=cfg.BR, BG=BG, BWP=triton.next_power_of_2(BW), num_warps=cfg.num_warps)
+        if cfg.GROUPS:
+            _nm_prune_groups_kernel[grid](*args, NN=n, MM=m, BITS=index_bits(m), BR=cfg.BR, BG=cfg.BG,
+                                          num_warps=cfg.num_warps)
+        else:
+            BW = cfg.BG * n // indices_per_word(m)
+            _nm_prune_kernel[grid](*args, NN=n, MM=m, MP=triton.next_power_of_2(m), BITS=index_bits(m),
+                                   BR=cfg.BR, BG=cfg.BG, BWP=triton.next_power_of_2(BW), num_warps=cfg.num_warps)
     return values, indices
 
 
@@ -199,12 +258,14 @@ def compile_variants():
         sig = {"p_w": ptr, "p_val": ptr, "p_idx": "*i32"}
         sig.update(dict.fromkeys(("R", "K", "G", "Wd", "stride_wr", "stride_wk", "stride_vr", "stride_ir"), "i32"))
         cfg = heuristic_config(n, m)
-        BG = _groups_per_program(m)
-        const = {"NN": n, "MM": m, "MP": triton.next_power_of_2(m), "BITS": index_bits(m), "BR": cfg.BR,
-                 "BG": BG, "BWP": triton.next_power_of_2(BG * n // indices_per_word(m))}
-        label = f"nm_prune {str(dtype)[6:]} {n}:{m} BR={cfg.BR}"
-        yield from specializations(label, _nm_prune_kernel, sig, const, {"num_warps": cfg.num_warps},
-                                   unit=("stride_wk",))
+        const = {"NN": n, "MM": m, "BITS": index_bits(m), "BR": cfg.BR, "BG": cfg.BG}
+        if cfg.GROUPS:
+            kern = _nm_prune_groups_kernel
+        else:
+            kern = _nm_prune_kernel
+            const.update(MP=triton.next_power_of_2(m), BWP=triton.next_power_of_2(cfg.BG * n // indices_per_word(m)))
+        label = f"nm_prune{'.groups' if cfg.GROUPS else ''} {str(dtype)[6:]} {n}:{m} BR={cfg.BR}"
+        yield from specializations(label, kern, sig, const, {"num_warps": cfg.num_warps}, unit=("stride_wk",))
     for dtype, n, m in cases:
         sig = {"p_d": ptrs[dtype], "p_idx": "*i32", "p_val": ptrs[dtype]}
         sig.update(dict.fromkeys(("R", "K", "S", "stride_dr", "stride_dk", "stride_ir", "stride_vr"), "i32"))
