@@ -106,6 +106,14 @@ def _tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
     return first_m + (pid % width) % size_m, (pid % width) // size_m
 
 
+@triton.jit
+def _split_range(n_tiles, i_s, SPLIT):
+    # Split i_s of SPLIT reduces a contiguous run of the reduction's tiles.
+    per_split = tl.cdiv(n_tiles, SPLIT)
+    t_lo = i_s * per_split
+    return t_lo, min(t_lo + per_split, n_tiles)
+
+
 @triton.heuristics({"HAS_BIAS": lambda args: args["p_b"] is not None})
 @triton.jit
 def _nm_fwd_kernel(p_x, p_val, p_idx, p_b, p_y, M, N, K, G, SPLIT,
@@ -128,11 +136,7 @@ def _nm_fwd_kernel(p_x, p_val, p_idx, p_b, p_y, M, N, K, G, SPLIT,
     o_n = i_n * BN + tl.arange(0, BN)
     m_m = o_m < M
     m_n = o_n < N
-    # Split-K: split i_s reduces a contiguous run of K tiles.
-    n_tiles = tl.cdiv(K, BK)
-    per_split = tl.cdiv(n_tiles, SPLIT)
-    t_lo = i_s * per_split
-    t_hi = min(t_lo + per_split, n_tiles)
+    t_lo, t_hi = _split_range(tl.cdiv(K, BK), i_s, SPLIT)
     # Broadcast-sum keeps per-lane partial products and reduces across lanes once, after the loop.
     # With one row (decode) the partials are 2-D and share the rebuilt tile's register layout.
     if USE_DOT:
@@ -185,10 +189,7 @@ def _nm_bwd_dx_kernel(p_dy, p_val, p_idx, p_dx, M, N, K, G, SPLIT,
     o_m = i_m.to(tl.int64) * BM + tl.arange(0, BM)  # int64: M * K may pass 2^31
     o_k = i_k * BK + tl.arange(0, BK)
     m_m = o_m < M
-    n_tiles = tl.cdiv(N, BN)
-    per_split = tl.cdiv(n_tiles, SPLIT)
-    t_lo = i_s * per_split
-    t_hi = min(t_lo + per_split, n_tiles)
+    t_lo, t_hi = _split_range(tl.cdiv(N, BN), i_s, SPLIT)
     if USE_DOT:
         acc = tl.zeros([BM, BK], dtype=tl.float32)
     elif BM == 1:
