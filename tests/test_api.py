@@ -36,6 +36,7 @@ DOCTEST_MODULES = [
     "sparse_triton.ops.nm_linear",
     "sparse_triton.nn.linear",
     "sparse_triton.sparsify",
+    "sparse_triton.tuning.cache",
 ]
 
 
