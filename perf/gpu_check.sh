@@ -24,10 +24,10 @@ set -u -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 REPO=$PWD
 OUTDIR=${1:-}
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
 BUDGET_S=${GPU_CHECK_BUDGET_S:-540}
 ENV_TIMEOUT_S=60
-TESTS_TIMEOUT_S=${GPU_CHECK_TESTS_TIMEOUT_S:-240}
+TESTS_TIMEOUT_S=${GPU_CHECK_TESTS_TIMEOUT_S:-300}
 SUITE_TIMEOUT_S=${GPU_CHECK_SUITE_TIMEOUT_S:-260}
 PLOT_TIMEOUT_S=${GPU_CHECK_PLOT_TIMEOUT_S:-60}
 RESERVE_S=45          # kept back for plot + copy while earlier steps run
@@ -85,7 +85,7 @@ run_step() {
         *) status=FAIL; detail="exit $rc" ;;
     esac
     if [[ $name == gpu-tests && $rc == 5 ]]; then
-        detail="exit 5: no tests collected (is the GPU tier marked 'gpu'?)"
+        detail="exit 5: no tests collected"
     fi
     [[ $status == OK ]] || FAILED=$((FAILED + 1))
     record "$name" "$status" $(( $(date +%s) - t0 )) "$detail"

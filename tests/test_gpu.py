@@ -17,6 +17,15 @@ pytestmark = pytest.mark.gpu
 PATTERNS = [(2, 4), (1, 4), (2, 8), (4, 8), (8, 16)]
 
 
+def set_tf32(monkeypatch, on: bool) -> None:
+    """TF32 for fp32 matmuls on or off for one test, through the API this torch uses."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        monkeypatch.setattr(matmul, "fp32_precision", "tf32" if on else "ieee")
+    else:
+        monkeypatch.setattr(matmul, "allow_tf32", on)
+
+
 def rel_err(out, ref):
     return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
@@ -48,7 +57,7 @@ def _config_cases():
 @pytest.mark.parametrize("split", [1, 3])
 def test_every_config_compiled(cfg, dtype, split, monkeypatch):
     tf32 = cfg in kernel.TF32_CONFIGS.values()
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    set_tf32(monkeypatch, tf32)
     cfg = replace(cfg, SPLIT=split)
     M, N, K = max(1, cfg.BM - 3), 300, 700
     x = torch.randn(M, K, device="cuda", dtype=dtype)
@@ -137,7 +146,7 @@ def test_cuda_graph_capture_and_no_host_sync():
 
 
 def test_exact_fp32_past_decode_matches_cublas(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    set_tf32(monkeypatch, False)
     w_nm = st.nm_compress(torch.randn(512, 1024, device="cuda"), 2, 4)
     for M in (1, 8, 9, 300):
         x = torch.randn(M, 1024, device="cuda")

@@ -143,16 +143,23 @@ def test_sparse_linear_under_autocast(device):
 def test_bf16_on_cpu_runs_the_reference(device, monkeypatch):
     # The interpreter computes bf16 wrongly, so CPU bf16 must never reach an interpreted kernel.
     if device == "cpu":
-        from sparse_triton.kernels import nm_matmul as kernel
+        from sparse_triton.kernels import nm_matmul, nm_prune
 
         def refuse(*args, **kwargs):
             raise AssertionError("bf16 on CPU reached a Triton kernel")
 
-        monkeypatch.setattr(kernel, "nm_matmul_fwd", refuse)
+        for mod, name in ((nm_matmul, "nm_matmul_fwd"), (nm_matmul, "nm_matmul_bwd_dx"),
+                          (nm_matmul, "nm_decompress"), (nm_prune, "nm_prune_compress"), (nm_prune, "nm_gather")):
+            monkeypatch.setattr(mod, name, refuse)
     x, w_nm, b = setup((6,), 32, 64, 2, 4, torch.bfloat16, device)
-    ref = F.linear(x.double(), w_nm.to_dense().double(), b.double())
+    x.requires_grad_(True)
+    values = w_nm.values.detach().requires_grad_(True)
+    w_nm = st.NMTensor(values, w_nm.indices, w_nm.shape, 2, 4)
+    ref = F.linear(x.detach().double(), w_nm.to_dense().detach().double(), b.double())
     y = st.nm_linear(x, w_nm, b)
     assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
+    y.float().sum().backward()
+    assert x.grad is not None and values.grad is not None
 
 
 def test_cpu_without_interpreter_runs_the_reference():
@@ -165,14 +172,36 @@ def test_cpu_without_interpreter_runs_the_reference():
         "from sparse_triton.kernels import nm_matmul, nm_prune\n"
         "def refuse(*a, **k):\n"
         "    raise AssertionError('a Triton kernel ran on CPU without TRITON_INTERPRET')\n"
-        "nm_matmul.nm_matmul_fwd = nm_matmul.nm_matmul_bwd_dx = nm_prune.nm_prune_compress = refuse\n"
+        "nm_matmul.nm_matmul_fwd = nm_matmul.nm_matmul_bwd_dx = nm_matmul.nm_decompress = refuse\n"
+        "nm_prune.nm_prune_compress = nm_prune.nm_gather = refuse\n"
         "w = st.nm_compress(torch.randn(32, 64), 2, 4)\n"
+        "w.values.requires_grad_(True)\n"
         "x = torch.randn(5, 64, requires_grad=True)\n"
         "y = st.nm_linear(x, w)\n"
         "y.sum().backward()\n"
+        "assert w.values.grad is not None and x.grad is not None\n"
         "assert torch.allclose(y, torch.nn.functional.linear(x, w.to_dense()), atol=1e-5)\n"
         "print('reference ok')\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "reference ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_tf32_set_through_the_new_api(device, monkeypatch):
+    # Reading the legacy allow_tf32 flag raises once TF32 was set through fp32_precision; the ops
+    # must read the setting without mixing the two APIs.
+    from sparse_triton.kernels._compile import tf32_enabled
+
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has only the legacy allow_tf32 flag")
+    monkeypatch.setattr(matmul, "fp32_precision", "tf32")
+    assert tf32_enabled()
+    x, w_nm, b = setup((12,), 32, 64, 2, 4, torch.float32, device)
+    y = st.nm_linear(x, w_nm, b)
+    ref = F.linear(x.double(), w_nm.to_dense().double(), b.double())
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 2e-3  # TF32 on a GPU, exact on CPU
+    monkeypatch.setattr(matmul, "fp32_precision", "ieee")
+    assert not tf32_enabled()
+

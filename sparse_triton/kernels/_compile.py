@@ -17,6 +17,18 @@ import torch
 from triton.runtime.jit import JITFunction
 
 
+def tf32_enabled() -> bool:
+    """Whether PyTorch lets fp32 matmuls run as TF32, read without mixing its legacy and new APIs
+    (reading ``allow_tf32`` raises once TF32 was set through ``fp32_precision``)."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(matmul.allow_tf32)
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "ieee")
+    return precision == "tf32"
+
+
 def on_device(t: torch.Tensor):
     """Make ``t``'s GPU current for a launch (Triton launches on the current device and its stream)."""
     if t.device.type == "cuda" and t.device.index is not None and t.device.index != torch.cuda.current_device():

@@ -6,8 +6,9 @@ form, so a weight tile costs ``n/m`` of its dense bytes plus the index bits: at 
 is bound by weight bandwidth and that ratio is the speedup.
 
 The rebuild (``_load_nm_tile``) reads a row's kept slots as one contiguous run (16-byte loads) and its
-packed index words once each, then places every slot at its position with selects inside each
-thread's registers; no lane exchanges and no shared memory on the broadcast-sum path.
+packed index words once each, then places every slot at its position with selects. Triton lays the
+slot axis out over at most a couple of lanes, so the rebuild costs a few shuffles per tile and one
+small layout exchange of the index words, not a pass through shared memory per element.
 
 Two inner products, chosen per config:
 
@@ -33,7 +34,7 @@ import triton.language as tl
 
 from .._env import TRITON_INTERPRET as INTERPRET
 from ..formats.nm import index_bits
-from ._compile import on_device, specializations
+from ._compile import on_device, specializations, tf32_enabled
 
 # --------------------------------------------------------------------------------------------------
 # kernels
@@ -108,10 +109,9 @@ def _tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _split_range(n_tiles, i_s, SPLIT):
-    # Split i_s of SPLIT reduces a contiguous run of the reduction's tiles.
-    per_split = tl.cdiv(n_tiles, SPLIT)
-    t_lo = i_s * per_split
-    return t_lo, min(t_lo + per_split, n_tiles)
+    # Split i_s of SPLIT reduces a contiguous, balanced run of the reduction's tiles (sizes differ by
+    # at most one, so no split sits idle while another does two runs' work).
+    return i_s * n_tiles // SPLIT, (i_s + 1) * n_tiles // SPLIT
 
 
 @triton.heuristics({"HAS_BIAS": lambda args: args["p_b"] is not None})
@@ -240,6 +240,26 @@ def _split_reduce_kernel(p_ws, p_b, p_y, MN, N, SPLIT, HAS_BIAS: tl.constexpr, B
     tl.store(p_y + o, acc.to(p_y.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _nm_decompress_kernel(p_val, p_idx, p_w, N, K, G, stride_vr, stride_ir, stride_wr,
+                          BN: tl.constexpr, BK: tl.constexpr, NN: tl.constexpr, MM: tl.constexpr,
+                          BITS: tl.constexpr):
+    """The dense weight ``W[N, K]`` from its compressed form, one ``[BN, BK]`` tile per program.
+
+    p_val ``[N, S]`` / p_idx ``[N, Wd]``: the compressed weight; p_w: ``[N, K]`` (row stride
+    ``stride_wr``, unit column stride).
+    """
+    i_n = tl.program_id(0)
+    i_k = tl.program_id(1)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    b_w = _load_nm_tile(p_val, p_idx, o_n, m_n, i_k * (BK // MM), G, stride_vr, stride_ir,
+                        BN, BK // MM, NN, MM, BITS)  # [BN, BK]
+    o_k = i_k * BK + tl.arange(0, BK)
+    tl.store(p_w + o_n.to(tl.int64)[:, None] * stride_wr + o_k[None, :], b_w,
+             mask=m_n[:, None] & (o_k < K)[None, :])
+
+
 # --------------------------------------------------------------------------------------------------
 # configs
 
@@ -251,7 +271,8 @@ class NMMatmulConfig:
     BM x BN x BK tiles: the forward's output is [BM, BN] and it reduces over K in BK steps; dX's output
     is [BM, BK] (BK / m whole groups) and it reduces over N in BN steps. BK is always a multiple of m.
     USE_DOT: tensor cores, else broadcast-sum (tiny M). SPLIT: programs sharing one reduction (a
-    launch argument, not a code shape: only SPLIT == 1 vs > 1 compiles differently).
+    launch argument, not a code shape: SPLIT == 1 vs > 1 selects the store path, and like any integer
+    argument Triton specializes a value divisible by 16).
     """
 
     BM: int
@@ -280,7 +301,7 @@ DOT_CONFIGS = {
 }
 # fp32 as tf32 (torch.backends.cuda.matmul.allow_tf32): fp32 tiles take twice the registers.
 TF32_CONFIGS = {
-    32: NMMatmulConfig(BM=32, BN=32, BK=32),
+    32: NMMatmulConfig(BM=32, BN=32, BK=64),
     None: NMMatmulConfig(BM=32, BN=64, BK=32),
 }
 # fp32 with TF32 off runs the exact broadcast-sum path at any M (an "ieee" tl.dot spills on sm_90);
@@ -312,7 +333,7 @@ def _cdiv(a: int, b: int) -> int:
 
 def _pick_split(out_tiles: int, red_tiles: int, sms: int, max_split: int = _MAX_SPLIT) -> int:
     """Reduction splits so that about 4 programs per SM are in flight, capped by the work available
-    (each split keeps at least 2 reduction tiles) and by ``max_split``."""
+    (each split gets at least 2 reduction tiles) and by ``max_split``."""
     split = 1
     while (split * 2 <= max_split and out_tiles * split < 4 * sms and red_tiles >= 4 * split):
         split *= 2
@@ -355,7 +376,7 @@ def _config(M: int, out_cols: int, red_len: int, a: torch.Tensor, values: torch.
 
 def _precision(dtype: torch.dtype) -> str:
     """``ieee`` for fp32 unless PyTorch allows TF32 for matmuls (then fp32 matches cuBLAS's TF32)."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not tf32_enabled():
         return "ieee"
     return "tf32"
 
@@ -369,6 +390,8 @@ def _check_launch(a: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, 
         raise TypeError(f"{where}: kernels support float16, bfloat16 and float32, got {a.dtype}")
     if values.dtype != a.dtype:
         raise TypeError(f"{where}: dtype mismatch, input is {a.dtype} but values are {values.dtype}")
+    if INTERPRET and a.dtype == torch.bfloat16:
+        raise TypeError(f"{where}: Triton's interpreter computes bfloat16 wrongly; use the reference on CPU")
     for name, t in (("values", values), ("indices", indices)):
         if t.shape[-1] > 1 and t.stride(-1) != 1:
             raise ValueError(f"{where}: {name} must have a unit stride along its last dim")
@@ -455,6 +478,25 @@ def nm_matmul_bwd_dx(dy: torch.Tensor, values: torch.Tensor, indices: torch.Tens
     return dx
 
 
+def nm_decompress(values: torch.Tensor, indices: torch.Tensor, n: int, m: int, K: int,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense ``W[N, K]`` (``values.dtype``) of a compressed n:m weight, at memory speed.
+
+    For paths that hand the product to a dense library (exact fp32 past decode).
+    """
+    _check_launch(values, values, indices, "nm_decompress")
+    N = values.shape[0]
+    w = _output(out, (N, K), values, "nm_decompress")
+    if N == 0 or K == 0:
+        return w
+    BN, BK = 32, 128
+    with on_device(values):
+        _nm_decompress_kernel[(_cdiv(N, BN), _cdiv(K, BK))](
+            values, indices, w, N, K, _cdiv(K, m), values.stride(0), indices.stride(0), K,
+            BN=BN, BK=BK, NN=n, MM=m, BITS=index_bits(m), num_warps=4)
+    return w
+
+
 # --------------------------------------------------------------------------------------------------
 # ahead-of-time compile check (tests/compile_sm90.py)
 
@@ -510,6 +552,12 @@ def compile_variants():
                     yield from specializations(label, kern, sig, const,
                                                {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, unit)
     for dtype, ptr in _PTR.items():
+        for n, m in _PATTERNS if dtype == torch.float16 else ((2, 4),):
+            sig = {"p_val": ptr, "p_idx": "*i32", "p_w": ptr}
+            sig.update(dict.fromkeys(("N", "K", "G", "stride_vr", "stride_ir", "stride_wr"), "i32"))
+            yield from specializations(f"nm_matmul.decompress {str(dtype)[6:]} {n}:{m}", _nm_decompress_kernel,
+                                       sig, {"BN": 32, "BK": 128, "NN": n, "MM": m, "BITS": index_bits(m)},
+                                       {"num_warps": 4})
         for has_bias in (False, True):
             sig = {"p_ws": "*fp32", "p_b": ptr, "p_y": ptr, "MN": "i32", "N": "i32", "SPLIT": "i32"}
             yield from specializations(f"nm_matmul.split_reduce {str(dtype)[6:]} bias={has_bias}",

@@ -232,8 +232,10 @@ def nm_gather(dense: torch.Tensor, indices: torch.Tensor, n: int, m: int,
     S = triton.cdiv(K, m) * n
     if out is None:
         out = torch.empty((R, S), dtype=dense.dtype, device=dense.device)
-    elif tuple(out.shape) != (R, S) or out.dtype != dense.dtype or not out.is_contiguous():
-        raise ValueError(f"nm_gather: out must be a contiguous {dense.dtype} tensor of shape {(R, S)}")
+    elif (tuple(out.shape) != (R, S) or out.dtype != dense.dtype or out.device != dense.device
+          or not out.is_contiguous()):
+        raise ValueError(
+            f"nm_gather: out must be a contiguous {dense.dtype} tensor of shape {(R, S)} on {dense.device}")
     if R == 0 or S == 0:
         return out
     BS = 128

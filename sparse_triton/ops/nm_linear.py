@@ -17,28 +17,39 @@ import torch
 from ..formats.nm import NMTensor
 from ..kernels import nm_matmul as kernel
 from ..kernels import nm_prune as prune_kernel
+from ..kernels._compile import tf32_enabled
 from ..reference import nm_matmul as reference
 from ..reference import nm_prune as prune_reference
 from ._dispatch import use_kernels
 
 # Group sizes the matmul kernels rebuild in registers (a power of two); others use the reference.
 KERNEL_M = (2, 4, 8, 16)
-# Exact fp32 (TF32 off) past this many rows goes to dense cuBLAS: without tensor cores the kernels'
-# exact path is a broadcast-sum, slower than SGEMM on the decompressed weight.
+# Exact fp32 (TF32 off) from this many rows on goes to dense cuBLAS on the decompressed weight.
 IEEE_DENSE_MIN_ROWS = 9
 
 
 def _kernels_for(a: torch.Tensor, m: int) -> bool:
-    if m not in KERNEL_M or not use_kernels(a):
-        return False
-    ieee = a.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
-    return not (ieee and a.is_cuda and a.shape[0] >= IEEE_DENSE_MIN_ROWS)
+    return m in KERNEL_M and use_kernels(a)
+
+
+def _dense_is_faster(a: torch.Tensor) -> bool:
+    # Exact fp32 (TF32 off) past decode: no tensor cores for the kernels, so the weight is rebuilt
+    # once and the product goes to cuBLAS SGEMM.
+    return a.is_cuda and a.dtype == torch.float32 and a.shape[0] >= IEEE_DENSE_MIN_ROWS and not tf32_enabled()
+
+
+def _dense_weight(values: torch.Tensor, indices: torch.Tensor, n: int, m: int, K: int) -> torch.Tensor:
+    if _kernels_for(values, m):
+        return kernel.nm_decompress(values.contiguous(), indices.contiguous(), n, m, K)
+    return reference.nm_decompress(values, indices, n, m, K)
 
 
 @torch.library.custom_op("sparse_triton::nm_linear_fwd", mutates_args=())
 def nm_linear_fwd(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias: torch.Tensor | None,
                   n: int, m: int, K: int) -> torch.Tensor:
     """``y[M, N] = x[M, K] @ W^T (+ bias)``, ``W[N, K]`` given as compressed ``(values, indices)``."""
+    if _dense_is_faster(x):
+        return torch.nn.functional.linear(x, _dense_weight(values, indices, n, m, K), bias)
     if _kernels_for(x, m):
         return kernel.nm_matmul_fwd(x, values.contiguous(), indices.contiguous(), bias, n, m, K)
     return reference.nm_matmul_fwd(x, values, indices, bias, n, m, K)
@@ -53,6 +64,8 @@ def _(x, values, indices, bias, n, m, K):
 def nm_linear_bwd_dx(dy: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
                      n: int, m: int, K: int) -> torch.Tensor:
     """``dx[M, K] = dy[M, N] @ W``."""
+    if _dense_is_faster(dy):
+        return dy @ _dense_weight(values, indices, n, m, K)
     if _kernels_for(dy, m):
         return kernel.nm_matmul_bwd_dx(dy, values.contiguous(), indices.contiguous(), n, m, K)
     return reference.nm_matmul_bwd_dx(dy, values, indices, n, m, K)
@@ -84,14 +97,16 @@ class NMLinearFunction(torch.autograd.Function):
     The indices (the mask) are fixed: the gradient of the values is taken at the kept positions only.
     """
 
-    # The forward(ctx, ...) form: PyTorch's separate setup_context form costs ~4x more host time per
-    # call, and this op is called once per layer per decode step.
     @staticmethod
-    def forward(ctx, x, values, indices, bias, n, m, K):
+    def forward(x, values, indices, bias, n, m, K):
+        return torch.ops.sparse_triton.nm_linear_fwd(x, values, indices, bias, n, m, K)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, values, indices, bias, n, m, K = inputs
         # x is only needed for the values' gradient (a frozen sparse base keeps no activations).
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, values, indices)
         ctx.nmk = (n, m, K)
-        return torch.ops.sparse_triton.nm_linear_fwd(x, values, indices, bias, n, m, K)
 
     @staticmethod
     def backward(ctx, dy):
@@ -154,7 +169,8 @@ def nm_linear(x: torch.Tensor, w_nm: NMTensor, bias: torch.Tensor | None = None)
     x: ``[..., K]``; w_nm: an :class:`NMTensor` of dense shape ``[N, K]``, N:M along K (``dim=-1``);
     bias: ``[N]`` or None. Returns ``[..., N]`` in ``x.dtype``. Gradients flow to ``x``, ``bias`` and
     ``w_nm.values`` (at the kept positions; the mask stays fixed). CUDA tensors run the Triton
-    kernels (fp16, bf16, fp32; m in {2, 4, 8, 16}); other cases run the pure-torch reference.
+    kernels (fp16, bf16, fp32; m in {2, 4, 8, 16}); exact fp32 (TF32 off) with 9 or more rows rebuilds
+    the dense weight with a kernel and runs cuBLAS; other cases run the pure-torch reference.
 
     >>> import sparse_triton as st
     >>> w = st.nm_compress(torch.randn(32, 64), 2, 4)

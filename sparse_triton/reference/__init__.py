@@ -3,7 +3,7 @@
 They are the test oracle and the CPU path (``ops/`` falls back to them where no kernel can run).
 """
 
-from .nm_matmul import nm_matmul_bwd_dx, nm_matmul_fwd
+from .nm_matmul import nm_decompress, nm_matmul_bwd_dx, nm_matmul_fwd
 from .nm_prune import nm_gather, nm_prune_compress
 
-__all__ = ["nm_gather", "nm_matmul_bwd_dx", "nm_matmul_fwd", "nm_prune_compress"]
+__all__ = ["nm_decompress", "nm_gather", "nm_matmul_bwd_dx", "nm_matmul_fwd", "nm_prune_compress"]

@@ -29,3 +29,10 @@ def nm_matmul_bwd_dx(dy: torch.Tensor, values: torch.Tensor, indices: torch.Tens
     """
     dx = dy @ _dense(values, indices, n, m, K)
     return dx if out is None else out.copy_(dx)
+
+
+def nm_decompress(values: torch.Tensor, indices: torch.Tensor, n: int, m: int, K: int,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense ``W[N, K]`` of a compressed n:m weight."""
+    w = _dense(values, indices, n, m, K)
+    return w if out is None else out.copy_(w)
