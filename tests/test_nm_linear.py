@@ -191,7 +191,7 @@ def test_cpu_without_interpreter_runs_the_reference():
 def test_tf32_set_through_the_new_api(device, monkeypatch):
     # Reading the legacy allow_tf32 flag raises once TF32 was set through fp32_precision; the ops
     # must read the setting without mixing the two APIs.
-    from sparse_triton.kernels._compile import tf32_enabled
+    from sparse_triton.kernels._launch import tf32_enabled
 
     matmul = torch.backends.cuda.matmul
     if not hasattr(matmul, "fp32_precision"):

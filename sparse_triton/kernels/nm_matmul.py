@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .._env import TRITON_INTERPRET as INTERPRET
 from ..formats.nm import index_bits
-from ._compile import on_device, specializations, tf32_enabled
+from ._launch import on_device, specializations, tf32_enabled
 
 # --------------------------------------------------------------------------------------------------
 # kernels
@@ -515,7 +515,7 @@ def _config_dtypes(cfg: NMMatmulConfig):
 def compile_variants():
     """Yield ``(label, kernel, signature, constexprs, options, attrs)`` for every config x dtype x
     (plain store | split workspace), and every pattern on one dot and one broadcast-sum config, for both
-    kernels, each as a ragged and an aligned launch (see ``_compile.specializations``)."""
+    kernels, each as a ragged and an aligned launch (see ``_launch.specializations``)."""
     pattern_cfgs = (*GEMV_CONFIGS.values(), *DOT_CONFIGS.values())
     for kname, kern in (("fwd", _nm_fwd_kernel), ("bwd_dx", _nm_bwd_dx_kernel)):
         for cfg in (*CONFIGS, INTERPRET_CONFIG):

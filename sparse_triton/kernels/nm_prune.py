@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .._env import TRITON_INTERPRET as INTERPRET
 from ..formats.nm import index_bits, indices_per_word
-from ._compile import on_device, specializations
+from ._launch import on_device, specializations
 
 
 @triton.jit

@@ -17,7 +17,7 @@ import torch
 from ..formats.nm import NMTensor
 from ..kernels import nm_matmul as kernel
 from ..kernels import nm_prune as prune_kernel
-from ..kernels._compile import tf32_enabled
+from ..kernels._launch import tf32_enabled
 from ..reference import nm_matmul as reference
 from ..reference import nm_prune as prune_reference
 from ._dispatch import use_kernels

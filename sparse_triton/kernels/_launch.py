@@ -1,5 +1,5 @@
-"""Launch helpers shared by the kernel modules, and the launch specializations for the ahead-of-time
-compile check (``tests/compile_sm90.py``).
+"""Launch helpers shared by the kernel modules (device, TF32 setting), and the launch
+specializations for the ahead-of-time compile check (``tests/compile_sm90.py``).
 
 At launch, Triton specializes integer arguments equal to 1 into constants and marks pointers and
 integers divisible by 16 as such. The compiled code differs between the two cases (vector widths,
