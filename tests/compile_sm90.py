@@ -4,7 +4,7 @@ Run as ``python tests/compile_sm90.py [-j JOBS]`` in a process where ``TRITON_IN
 the interpreter accepts code the GPU compiler rejects (tl.dot with K < 16, loop-carried dtype changes,
 non-constexpr globals), so this is the check that the kernels really build. Each kernel module in
 ``sparse_triton.kernels`` lists its variants in ``compile_variants()``, each as a ragged and an aligned
-launch specialization (``sparse_triton/kernels/_compile.py``). Fails on any compile error or
+launch specialization (``sparse_triton/kernels/_launch.py``). Fails on any compile error or
 on shared memory above the H100 per-block limit, or on any spill (a local-memory load or store in
 the SASS).
 """
