@@ -4,7 +4,7 @@ N:M weight-sparse matmul as Triton kernels wrapped in differentiable PyTorch ops
 a one-call ``sparsify``. Importing the package never touches CUDA.
 """
 
-from . import nn, ops
+from . import nn, ops, tuning
 from .formats.nm import NMSparsity, NMTensor, nm_compress, nm_mask, nm_prune
 from .ops.nm_linear import NMLinearFunction, nm_linear
 from .sparsify import sparsify
@@ -23,4 +23,5 @@ __all__ = [
     "nn",
     "ops",
     "sparsify",
+    "tuning",
 ]

@@ -314,12 +314,121 @@ CONFIGS: tuple[NMMatmulConfig, ...] = (*GEMV_CONFIGS.values(), *DOT_CONFIGS.valu
 INTERPRET_CONFIG = NMMatmulConfig(BM=32, BN=64, BK=128)
 
 _MAX_SPLIT = 16
+H100_SHARED_MEMORY = 232448  # opt-in shared memory per block on sm_90
 
 
 def config_label(cfg: NMMatmulConfig) -> str:
     """Short name of a config's code shape, e.g. ``dot64x64x64w4s3``."""
     kind = "dot" if cfg.USE_DOT else "sum"
     return f"{kind}{cfg.BM}x{cfg.BN}x{cfg.BK}w{cfg.num_warps}s{cfg.num_stages}"
+
+
+def config_name(cfg: NMMatmulConfig) -> str:
+    """``config_label`` plus the split, e.g. ``dot64x64x64w4s3k2``: unique within a tuning space."""
+    group = "" if cfg.GROUP_M == 8 else f"g{cfg.GROUP_M}"
+    return f"{config_label(cfg)}{group}k{cfg.SPLIT}"
+
+
+# --------------------------------------------------------------------------------------------------
+# tuning space: what the tuner times per key (the heuristic's pick is always among them)
+
+# Broadcast-sum tiles (BN, BK, num_warps) per row count: 8..32 fp32 partials per thread.
+_GEMV_TILES = {
+    1: ((16, 128, 4), (32, 128, 4), (16, 256, 4), (32, 64, 4), (32, 256, 8), (64, 128, 8)),
+    2: ((16, 128, 4), (32, 64, 4), (16, 64, 4), (32, 128, 8), (16, 256, 8)),
+    4: ((32, 32, 4), (16, 64, 4), (32, 64, 8), (16, 128, 8)),
+    8: ((16, 32, 4), (32, 32, 8), (16, 64, 8), (8, 64, 4)),
+}
+# Tensor-core tiles (BM, BN, BK, num_warps, num_stages) by token bucket, fp16 / bf16.
+_DOT_TILES = {
+    16: ((16, 64, 64, 4, 2), (16, 64, 128, 4, 3), (16, 128, 64, 4, 3), (16, 32, 128, 4, 2),
+         (16, 128, 128, 8, 3)),
+    32: ((32, 64, 64, 4, 2), (32, 64, 128, 4, 3), (32, 128, 64, 4, 3), (32, 128, 128, 8, 3),
+         (16, 64, 128, 4, 3)),
+    256: ((64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 64, 8, 3), (64, 256, 64, 8, 3),
+          (128, 64, 64, 4, 3), (64, 64, 128, 4, 4)),
+    None: ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 8, 4), (128, 128, 64, 4, 4),
+           (256, 128, 64, 8, 3), (64, 128, 64, 4, 4)),
+}
+# Tensor-core tiles for fp32 as TF32 (twice the registers and shared memory per element).
+# (BM = 64 fails to compile for dX in fp32 on sm_90 with Triton 3.6.)
+_TF32_TILES = {
+    32: ((32, 32, 64, 4, 2), (16, 64, 32, 4, 2), (32, 64, 32, 4, 3), (32, 32, 32, 4, 3)),
+    None: ((32, 64, 32, 4, 2), (32, 64, 32, 4, 3), (16, 64, 32, 4, 2), (32, 128, 32, 8, 2)),
+}
+
+
+def _space_tiles(bucket: int, dtype: torch.dtype, precision: str) -> list[NMMatmulConfig]:
+    if bucket <= 8 or precision == "ieee":
+        bm = min(bucket, 8)
+        return [NMMatmulConfig(BM=bm, BN=bn, BK=bk, USE_DOT=False, num_warps=w, num_stages=st)
+                for bn, bk, w in _GEMV_TILES[bm] for st in (2, 3)]
+    table = _TF32_TILES if dtype == torch.float32 else _DOT_TILES
+    tiles = next(t for cap, t in table.items() if cap is None or bucket <= cap)
+    return [NMMatmulConfig(BM=bm, BN=bn, BK=bk, num_warps=w, num_stages=st) for bm, bn, bk, w, st in tiles]
+
+
+def shared_memory_estimate(cfg: NMMatmulConfig, dtype: torch.dtype, for_dx: bool = False,
+                           density: float = 0.5) -> int:
+    """Bytes of shared memory a config needs, from above: per pipeline stage, the input tile (x's
+    ``[BM, BK]``, or dY's ``[BM, BN]`` for dX) and the compressed weight tile (``density`` = n/m of the
+    dense ``[BN, BK]`` tile, plus its index words and staging). Fitted to the sm_90 compiler's figures
+    for the tuning space (tests/compile_sm90.py prints them); used to prune candidates before they are
+    compiled. Broadcast-sum configs stage nothing that matters."""
+    if not cfg.USE_DOT:
+        return 0
+    es = torch.empty((), dtype=dtype).element_size()
+    a_tile = cfg.BM * (cfg.BN if for_dx else cfg.BK) * es
+    w_tile = cfg.BN * cfg.BK * es * max(density, 0.5) * 1.5
+    return int(max(cfg.num_stages, 1) * (a_tile + w_tile)) + 2048
+
+
+def config_space(M: int, out_cols: int, red_len: int, dtype: torch.dtype, precision: str, n: int, m: int,
+                 sms: int, shared_memory: int, for_dx: bool = False, weight_bytes: int = 0) -> list[NMMatmulConfig]:
+    """Configs worth timing for M tokens (a bucket's upper end) on a device with ``sms`` SMs and
+    ``shared_memory`` bytes per block; output ``[M, out_cols]``, reduction over ``red_len``.
+
+    Tile shapes come from the bucket's table; each is tried at the split the heuristic would give it
+    and at half and double that (a split is a launch argument: no extra compile). Tiles whose BK is not
+    a multiple of ``m`` or whose shared memory would not fit are left out.
+    """
+    out: list[NMMatmulConfig] = []
+    seen: set[NMMatmulConfig] = set()
+    for base in _space_tiles(M, dtype, precision):
+        if base.BK % m or shared_memory_estimate(base, dtype, for_dx, n / m) > shared_memory:
+            continue
+        out_tile, red_tile = (base.BK, base.BN) if for_dx else (base.BN, base.BK)
+        out_tiles = _cdiv(M, base.BM) * _cdiv(out_cols, out_tile)
+        red_tiles = _cdiv(red_len, red_tile)
+        ws_per_split = 4 * M * out_cols
+        cap = max(1, min(_MAX_SPLIT, weight_bytes // (4 * ws_per_split))) if weight_bytes else _MAX_SPLIT
+        split = _pick_split(out_tiles, red_tiles, sms, cap)
+        for s in (split, split // 2, split * 2):
+            if 1 <= s <= cap and (s == 1 or red_tiles >= 2 * s):
+                cfg = replace(base, SPLIT=s)
+                if cfg not in seen:
+                    seen.add(cfg)
+                    out.append(cfg)
+    return out
+
+
+def config_from_dict(d: dict, m: int, precision: str) -> NMMatmulConfig | None:
+    """The config a tuning entry stored, or None if it is malformed or cannot run here."""
+    try:
+        cfg = NMMatmulConfig(**d)
+    except TypeError:
+        return None
+    ints = (cfg.BM, cfg.BN, cfg.BK, cfg.GROUP_M, cfg.num_warps, cfg.num_stages, cfg.SPLIT)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in ints):
+        return None
+    if not isinstance(cfg.USE_DOT, bool) or cfg.SPLIT > 64:
+        return None
+    pow2 = all(v & (v - 1) == 0 for v in (cfg.BM, cfg.BN, cfg.BK, cfg.num_warps))
+    if not pow2 or cfg.BK % m or cfg.BK > 1024 or cfg.BN > 1024 or cfg.BM > 512 or cfg.num_warps > 32:
+        return None
+    if cfg.USE_DOT and (precision == "ieee" or min(cfg.BM, cfg.BN, cfg.BK) < 16):
+        return None  # an exact-fp32 tl.dot spills; tl.dot needs tiles of at least 16
+    return cfg
 
 
 @functools.lru_cache(maxsize=16)
@@ -350,7 +459,15 @@ def _base_config(M: int, dtype: torch.dtype, precision: str) -> NMMatmulConfig:
 @functools.lru_cache(maxsize=4096)
 def heuristic_config(M: int, out_cols: int, red_len: int, dtype: torch.dtype, precision: str,
                      device_index: int, for_dx: bool = False, weight_bytes: int = 0) -> NMMatmulConfig:
-    """Config for an output ``[M, out_cols]`` reducing over ``red_len`` on CUDA device ``device_index``.
+    """Config for an output ``[M, out_cols]`` reducing over ``red_len`` on CUDA device ``device_index``
+    (see ``heuristic_for``)."""
+    return heuristic_for(M, out_cols, red_len, dtype, precision, _sm_count(device_index), for_dx, weight_bytes)
+
+
+def heuristic_for(M: int, out_cols: int, red_len: int, dtype: torch.dtype, precision: str, sms: int,
+                  for_dx: bool = False, weight_bytes: int = 0) -> NMMatmulConfig:
+    """Config for an output ``[M, out_cols]`` reducing over ``red_len`` on a GPU with ``sms`` SMs: the
+    default where no tuned entry exists, and the tuner's first candidate.
 
     The forward tiles its output with BN and reduces with BK; dX (``for_dx``) tiles with BK and
     reduces with BN. The split fills the GPU when the output alone gives too few programs, keeping the
@@ -361,7 +478,7 @@ def heuristic_config(M: int, out_cols: int, red_len: int, dtype: torch.dtype, pr
     out_tiles = _cdiv(M, base.BM) * _cdiv(out_cols, out_tile)
     ws_per_split = 4 * M * out_cols
     max_split = max(1, min(_MAX_SPLIT, weight_bytes // (4 * ws_per_split))) if weight_bytes else _MAX_SPLIT
-    split = _pick_split(out_tiles, _cdiv(red_len, red_tile), _sm_count(device_index), max_split)
+    split = _pick_split(out_tiles, _cdiv(red_len, red_tile), sms, max_split)
     return replace(base, SPLIT=split)
 
 
@@ -512,6 +629,48 @@ def _config_dtypes(cfg: NMMatmulConfig):
     return tuple(_PTR)  # broadcast-sum: every dtype; the interpreter config: what the CPU tier runs
 
 
+def _space_variants():
+    """Every tile of the tuning space (``config_space``), 2:4, aligned launch, both kernels: fp16 and
+    bf16 for tensor-core tiles, TF32 tiles in fp32, broadcast-sum tiles in fp16 and exact fp32."""
+    seen = set(CONFIGS)
+    todo: list[tuple[NMMatmulConfig, torch.dtype, str]] = []
+    for bucket in [*_GEMV_TILES, *(b or 4096 for b in _DOT_TILES)]:
+        for cfg in _space_tiles(bucket, torch.float16, "tf32"):
+            if cfg not in seen:
+                seen.add(cfg)
+                dts = (torch.float16, torch.bfloat16) if cfg.USE_DOT else (torch.float16, torch.float32)
+                todo += [(cfg, dt, "ieee" if dt == torch.float32 else "tf32") for dt in dts]
+    for bucket in (32, 4096):
+        for cfg in _space_tiles(bucket, torch.float32, "tf32"):
+            if cfg not in seen:
+                seen.add(cfg)
+                todo.append((cfg, torch.float32, "tf32"))
+    for cfg, dtype, precision in todo:
+        ptr = _PTR[dtype]
+        for kname, kern in (("fwd", _nm_fwd_kernel), ("bwd_dx", _nm_bwd_dx_kernel)):
+            if shared_memory_estimate(cfg, dtype, kname == "bwd_dx") > H100_SHARED_MEMORY:
+                continue  # never a candidate on an H100
+            if kname == "fwd":
+                sig = {"p_x": ptr, "p_val": ptr, "p_idx": "*i32", "p_b": ptr, "p_y": ptr}
+                names = ("M", "N", "K", "G", "SPLIT", "stride_xm", "stride_xk", "stride_vr", "stride_ir",
+                         "stride_ym", "stride_ys")
+                flags, unit = {"HAS_BIAS": True}, ("stride_xk", "SPLIT")
+            else:
+                sig = {"p_dy": ptr, "p_val": ptr, "p_idx": "*i32", "p_dx": ptr}
+                names = ("M", "N", "K", "G", "SPLIT", "stride_dym", "stride_dyn", "stride_vr", "stride_ir",
+                         "stride_dxm", "stride_dxs")
+                flags, unit = {}, ("stride_dyn", "SPLIT")
+            sig.update(dict.fromkeys(names, "i32"))
+            if cfg.BM == 1:
+                unit += ("M",)
+            const = {**flags, "USE_WS": False, "USE_DOT": cfg.USE_DOT, "BM": cfg.BM, "BN": cfg.BN, "BK": cfg.BK,
+                     "GROUP_M": cfg.GROUP_M, "NN": 2, "MM": 4, "BITS": index_bits(4), "PRECISION": precision}
+            label = f"nm_matmul.{kname} space {config_label(cfg)} {str(dtype)[6:]} 2:4"
+            *_, aligned = specializations(label, kern, sig, const,
+                                          {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, unit)
+            yield aligned
+
+
 def compile_variants():
     """Yield ``(label, kernel, signature, constexprs, options, attrs)`` for every config x dtype x
     (plain store | split workspace), and every pattern on one dot and one broadcast-sum config, for both
@@ -551,6 +710,7 @@ def compile_variants():
                              f"{' ws' if use_ws else ''}")
                     yield from specializations(label, kern, sig, const,
                                                {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, unit)
+    yield from _space_variants()
     for dtype, ptr in _PTR.items():
         for n, m in _PATTERNS if dtype == torch.float16 else ((2, 4),):
             sig = {"p_val": ptr, "p_idx": "*i32", "p_w": ptr}

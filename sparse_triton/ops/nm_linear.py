@@ -5,7 +5,9 @@
 ``sparse_triton::nm_linear_bwd_dvalues`` dvalues = (dy^T @ x) at W's kept positions (dense matmul
                                         on cuBLAS, then the gather kernel: the flops of dense training)
 
-``NMLinearFunction`` composes them; ``torch.compile(fullgraph=True)`` traces it without breaks.
+``NMLinearFunction`` composes them; ``torch.compile(fullgraph=True)`` traces it without breaks. Which
+implementation runs the first two on a GPU is the tuner's choice (``ops.nm_tuning``: ours, cuSPARSELt
+or dense cuBLAS, whichever measured fastest for the shape).
 """
 
 from __future__ import annotations
@@ -17,42 +19,35 @@ import torch
 from ..formats.nm import NMTensor
 from ..kernels import nm_matmul as kernel
 from ..kernels import nm_prune as prune_kernel
-from ..kernels._launch import tf32_enabled
 from ..reference import nm_matmul as reference
 from ..reference import nm_prune as prune_reference
+from ..tuning.tuner import default_tuner
+from . import nm_tuning as tuned
 from ._dispatch import use_kernels
 
 # Group sizes the matmul kernels rebuild in registers (a power of two); others use the reference.
 KERNEL_M = (2, 4, 8, 16)
-# Exact fp32 (TF32 off) from this many rows on goes to dense cuBLAS on the decompressed weight.
-IEEE_DENSE_MIN_ROWS = 9
 
 
 def _kernels_for(a: torch.Tensor, m: int) -> bool:
     return m in KERNEL_M and use_kernels(a)
 
 
-def _dense_is_faster(a: torch.Tensor) -> bool:
-    # Exact fp32 (TF32 off) past decode: no tensor cores for the kernels, so the weight is rebuilt
-    # once and the product goes to cuBLAS SGEMM.
-    return a.is_cuda and a.dtype == torch.float32 and a.shape[0] >= IEEE_DENSE_MIN_ROWS and not tf32_enabled()
-
-
-def _dense_weight(values: torch.Tensor, indices: torch.Tensor, n: int, m: int, K: int) -> torch.Tensor:
-    if _kernels_for(values, m):
-        return kernel.nm_decompress(values.contiguous(), indices.contiguous(), n, m, K)
-    return reference.nm_decompress(values, indices, n, m, K)
-
-
 @torch.library.custom_op("sparse_triton::nm_linear_fwd", mutates_args=())
 def nm_linear_fwd(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias: torch.Tensor | None,
                   n: int, m: int, K: int) -> torch.Tensor:
-    """``y[M, N] = x[M, K] @ W^T (+ bias)``, ``W[N, K]`` given as compressed ``(values, indices)``."""
-    if _dense_is_faster(x):
-        return torch.nn.functional.linear(x, _dense_weight(values, indices, n, m, K), bias)
-    if _kernels_for(x, m):
-        return kernel.nm_matmul_fwd(x, values.contiguous(), indices.contiguous(), bias, n, m, K)
-    return reference.nm_matmul_fwd(x, values, indices, bias, n, m, K)
+    """``y[M, N] = x[M, K] @ W^T (+ bias)``, ``W[N, K]`` given as compressed ``(values, indices)``.
+
+    On the kernel path the tuner picks the implementation (ours, cuSPARSELt or dense cuBLAS) and config.
+    """
+    if not _kernels_for(x, m):
+        return reference.nm_matmul_fwd(x, values, indices, bias, n, m, K)
+    values, indices = values.contiguous(), indices.contiguous()
+    if x.shape[0] == 0:
+        return kernel.nm_matmul_fwd(x, values, indices, bias, n, m, K)
+    key = tuned.fwd_key(x, values.shape[0], K, n, m, bias is not None)
+    cand = default_tuner().choose(tuned.FWD, key, x.device)
+    return tuned.run_fwd(cand, x, values, indices, bias, n, m, K)
 
 
 @nm_linear_fwd.register_fake
@@ -63,12 +58,14 @@ def _(x, values, indices, bias, n, m, K):
 @torch.library.custom_op("sparse_triton::nm_linear_bwd_dx", mutates_args=())
 def nm_linear_bwd_dx(dy: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
                      n: int, m: int, K: int) -> torch.Tensor:
-    """``dx[M, K] = dy[M, N] @ W``."""
-    if _dense_is_faster(dy):
-        return dy @ _dense_weight(values, indices, n, m, K)
-    if _kernels_for(dy, m):
-        return kernel.nm_matmul_bwd_dx(dy, values.contiguous(), indices.contiguous(), n, m, K)
-    return reference.nm_matmul_bwd_dx(dy, values, indices, n, m, K)
+    """``dx[M, K] = dy[M, N] @ W``; on the kernel path the tuner picks ours or dense cuBLAS."""
+    if not _kernels_for(dy, m):
+        return reference.nm_matmul_bwd_dx(dy, values, indices, n, m, K)
+    values, indices = values.contiguous(), indices.contiguous()
+    if dy.shape[0] == 0:
+        return kernel.nm_matmul_bwd_dx(dy, values, indices, n, m, K)
+    cand = default_tuner().choose(tuned.BWD_DX, tuned.bwd_dx_key(dy, values.shape[0], K, n, m), dy.device)
+    return tuned.run_bwd_dx(cand, dy, values, indices, n, m, K)
 
 
 @nm_linear_bwd_dx.register_fake
@@ -168,9 +165,10 @@ def nm_linear(x: torch.Tensor, w_nm: NMTensor, bias: torch.Tensor | None = None)
 
     x: ``[..., K]``; w_nm: an :class:`NMTensor` of dense shape ``[N, K]``, N:M along K (``dim=-1``);
     bias: ``[N]`` or None. Returns ``[..., N]`` in ``x.dtype``. Gradients flow to ``x``, ``bias`` and
-    ``w_nm.values`` (at the kept positions; the mask stays fixed). CUDA tensors run the Triton
-    kernels (fp16, bf16, fp32; m in {2, 4, 8, 16}); exact fp32 (TF32 off) with 9 or more rows rebuilds
-    the dense weight with a kernel and runs cuBLAS; other cases run the pure-torch reference.
+    ``w_nm.values`` (at the kept positions; the mask stays fixed). CUDA tensors (fp16, bf16, fp32;
+    m in {2, 4, 8, 16}) run whichever of our Triton kernels, cuSPARSELt (2:4) and dense cuBLAS the
+    tuner measured fastest for the shape on this GPU (``sparse_triton.tuning``), so a tuned shape is
+    never slower than the dense layer; other cases run the pure-torch reference.
 
     >>> import sparse_triton as st
     >>> w = st.nm_compress(torch.randn(32, 64), 2, 4)

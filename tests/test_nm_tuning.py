@@ -1,0 +1,189 @@
+"""ops/nm_tuning.py: the N:M linear ops' candidates (dense always among them), entries, and the tuner
+driving the real op on CPU (interpreted kernels) with a fake timer."""
+
+import pytest
+import torch
+
+import sparse_triton as st
+from sparse_triton.kernels import nm_matmul as kernel
+from sparse_triton.ops import _prepared
+from sparse_triton.ops import nm_tuning as nt
+from sparse_triton.tuning import cache as tc
+from sparse_triton.tuning.tuner import H100_LIMITS, DeviceLimits, Tuner
+
+INFO = tc.DeviceInfo("NVIDIA H100 80GB HBM3", (9, 0), "3.6.0", "2.11.0", "0.1.0")
+CUDA = torch.device("cuda", 0)  # candidate lists only: nothing runs on it here
+CPU = torch.device("cpu")
+
+KEYS = [(op, (tag, f"{n}:{m}", N, K, M) + ((bias,) if op is nt.FWD else ()))
+        for op in (nt.FWD, nt.BWD_DX)
+        for tag in ("fp16", "bf16", "tf32", "fp32")
+        for n, m in ((2, 4), (1, 4), (2, 8), (8, 16))
+        for N, K in ((4096, 4096), (1000, 300))
+        for M in (1, 2, 4, 8, 16, 32, 64, 256, 1024, 16384)
+        for bias in (0, 1)
+        if not (op is nt.BWD_DX and bias)]
+
+
+@pytest.mark.parametrize("device", [CUDA, CPU], ids=["cuda", "cpu"])
+def test_candidates_dense_always_heuristic_first(device):
+    for op, key in KEYS:
+        cands = op.candidates(key, H100_LIMITS, device)
+        names = [c.name for c in cands]
+        assert len(names) == len(set(names)), key
+        assert "dense" in names, key
+        tag, M = key[0], key[4]
+        if device.type == "cpu":
+            assert cands[0].config == kernel.INTERPRET_CONFIG
+        elif tag == "fp32" and M > 8:
+            assert names[0] == "dense"  # exact fp32 past decode: cuBLAS SGEMM is the default
+        else:
+            assert cands[0].impl == "triton" and cands[0].config == kernel.heuristic_for(
+                M, key[3] if op is nt.BWD_DX else key[2], key[2] if op is nt.BWD_DX else key[3], nt.TAG_DTYPE[tag],
+                "ieee" if tag == "fp32" else "tf32", H100_LIMITS.sms, op is nt.BWD_DX, cands[0].config and
+                _weight_bytes(key))
+        assert "cusparselt" not in names  # no cuSPARSELt in the CPU torch build, never on CPU
+        m = int(key[1].split(":")[1])
+        for c in cands:
+            if c.impl == "triton" and c.config == kernel.INTERPRET_CONFIG and device.type == "cpu":
+                continue  # the interpreter's one config (its tl.dot is exact in fp32); never stored
+            if c.impl == "triton":
+                assert c.config.BK % m == 0
+                assert not (tag == "fp32" and c.config.USE_DOT)
+            assert op.from_entry(c.to_entry(), key, H100_LIMITS, device) == c  # an entry rebuilds its candidate
+
+
+def _weight_bytes(key):
+    tag, nm, N, K = key[:4]
+    n, m = map(int, nm.split(":"))
+    S = st.NMTensor.slots_for(K, n, m)
+    return N * S * nt.TAG_DTYPE[tag].itemsize + N * -(-S // st.formats.nm.indices_per_word(m)) * 4
+
+
+def test_candidates_pruned_by_shared_memory():
+    small = DeviceLimits(shared_memory=48 * 1024, sms=20, capability=(7, 5))
+    for M in (16, 64, 4096):
+        key = ("fp16", "2:4", 4096, 4096, M, 0)
+        big = nt.FWD.candidates(key, H100_LIMITS, CUDA)
+        few = nt.FWD.candidates(key, small, CUDA)
+        assert len(few) < len(big)
+        for c in few[1:]:  # the heuristic default stays first whatever it needs
+            if c.impl == "triton":
+                assert kernel.shared_memory_estimate(c.config, torch.float16, False, 0.5) <= small.shared_memory
+        assert any(c.name == "dense" for c in few)
+
+
+@pytest.mark.parametrize("entry", [
+    {"impl": "triton", "config": {"BM": 16, "BN": 64, "BK": 6, "USE_DOT": True}},  # BK not a multiple of m
+    {"impl": "triton", "config": {"BM": 16, "BN": 64, "BK": 64, "BOGUS": 1}},
+    {"impl": "triton", "config": {"BM": 16, "BN": 64, "BK": 64, "num_warps": 3}},
+    {"impl": "triton", "config": {"BM": 16, "BN": 64, "BK": 64, "SPLIT": 0}},
+    {"impl": "triton", "config": {"BM": 16, "BN": 64, "BK": 64, "USE_DOT": "yes"}},
+    {"impl": "triton", "config": None},
+    {"impl": "cusparselt"},  # not available in this build
+    {"impl": "hand-written-asm"},
+    {},
+])
+def test_from_entry_rejects_bad_entries(entry):
+    assert nt.FWD.from_entry(entry, ("fp16", "2:4", 64, 64, 16, 0), H100_LIMITS, CUDA) is None
+
+
+def test_exact_fp32_never_gets_a_tensor_core_config():
+    entry = {"impl": "triton", "config": {"BM": 16, "BN": 64, "BK": 64, "USE_DOT": True}}
+    assert nt.FWD.from_entry(entry, ("fp32", "2:4", 64, 64, 16, 0), H100_LIMITS, CUDA) is None
+    assert nt.FWD.from_entry(entry, ("tf32", "2:4", 64, 64, 16, 0), H100_LIMITS, CUDA) is not None
+
+
+class _Small(nt.NMLinearFwdTunable):
+    """The real forward, with the candidate list cut to three so the interpreter stays quick."""
+
+    def candidates(self, key, limits, device):
+        full = super().candidates(key, limits, device)
+        gemv = next(c for c in full if c.impl == "triton" and not c.config.USE_DOT)
+        return [full[0], gemv, nt.DENSE]
+
+
+class _Timer:
+    def __init__(self, fastest):
+        self.fastest = fastest
+        self.calls = []
+
+    def __call__(self, name, fn):
+        fn()
+        self.calls.append(name)
+        return 1.0 if name == self.fastest else 5.0
+
+
+@pytest.fixture
+def tuner_factory(tmp_path):
+    made = []
+
+    def make(timer, **kw):
+        t = Tuner(timer=timer, cache_root=tmp_path / "cache", shipped_dir=tmp_path / "shipped", device_info=INFO,
+                  tune_on_cpu=True, **kw)
+        made.append(t)
+        return t
+    previous = st.tuning.set_default_tuner(None)
+    yield make
+    st.tuning.set_default_tuner(previous)
+    _prepared.clear_weight_cache()
+
+
+def test_real_op_tunes_checks_and_runs_the_winner(tuner_factory, monkeypatch):
+    op = _Small()
+    monkeypatch.setattr(nt, "FWD", op)
+    tuner = tuner_factory(_Timer("dense"))
+    st.tuning.set_default_tuner(tuner)
+    w = st.nm_compress(torch.randn(48, 96), 2, 4)
+    x = torch.randn(5, 96)
+    ref = x.double() @ w.to_dense().double().t()
+    before = _prepared.cached_forms()
+    y = st.nm_linear(x, w)
+    torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-4)
+    choice = tuner.resolve(op, ("fp32", "2:4", 48, 96, 8, 0), CPU)
+    assert (choice.source, choice.candidate.name) == ("tuned", "dense")
+    assert sorted(tuner.timer.calls) == sorted(c.name for c in op.candidates(choice_key(), H100_LIMITS, CPU))
+    assert _prepared.cached_forms() == before + 1  # the dense weight, kept for the next call
+    # an in-place update of the weight (an optimizer step) is seen on the next call
+    with torch.no_grad():
+        w.values.mul_(-2)
+    torch.testing.assert_close(st.nm_linear(x, w).double(), -2 * ref, atol=1e-4, rtol=1e-4)
+
+
+def choice_key():
+    return ("fp32", "2:4", 48, 96, 8, 0)
+
+
+def test_interpreter_never_times(tuner_factory):
+    def no_timer(name, fn):
+        raise AssertionError(f"timed {name} under the interpreter")
+    st.tuning.set_default_tuner(Tuner(timer=no_timer))  # the default: no tuning on CPU
+    w = st.nm_compress(torch.randn(32, 64), 2, 4)
+    x = torch.randn(3, 64, requires_grad=True)
+    y = st.nm_linear(x, w)
+    y.sum().backward()
+    torch.testing.assert_close(y, x @ w.to_dense().t(), atol=1e-4, rtol=1e-4)
+    choice = st.tuning.default_tuner().resolve(nt.FWD, nt.fwd_key(x, 32, 64, 2, 4, False), CPU)
+    assert choice.source == "first" and choice.candidate.config == kernel.INTERPRET_CONFIG
+
+
+def test_prepared_form_is_not_kept_for_inference_tensors():
+    _prepared.clear_weight_cache()
+    with torch.inference_mode():
+        w = st.nm_compress(torch.randn(16, 32), 2, 4)
+    calls = []
+    form = _prepared.prepared(w.values, w.indices, "dense", lambda: calls.append(1) or w.to_dense())
+    _prepared.prepared(w.values, w.indices, "dense", lambda: calls.append(1) or w.to_dense())
+    assert calls == [1, 1] and _prepared.cached_forms() == 0 and form.shape == (16, 32)
+
+
+def test_prepared_form_goes_with_its_tensor():
+    _prepared.clear_weight_cache()
+    w = st.nm_compress(torch.randn(16, 32), 2, 4)
+    _prepared.prepared(w.values, w.indices, "dense", w.to_dense)
+    assert _prepared.cached_forms() == 1
+    del w
+    import gc
+
+    gc.collect()
+    assert _prepared.cached_forms() == 0 and not _prepared._forms
