@@ -27,6 +27,7 @@ EXPECTED_ALL = {
     "nn",
     "ops",
     "sparsify",
+    "tuning",
 }
 
 CUSTOM_OPS = ["nm_linear_fwd", "nm_linear_bwd_dx", "nm_linear_bwd_dvalues", "nm_prune_compress"]
@@ -36,7 +37,10 @@ DOCTEST_MODULES = [
     "sparse_triton.ops.nm_linear",
     "sparse_triton.nn.linear",
     "sparse_triton.sparsify",
+    "sparse_triton.tuning",
     "sparse_triton.tuning.cache",
+    "sparse_triton.tuning.mode",
+    "sparse_triton.tuning.tables",
 ]
 
 
@@ -61,7 +65,7 @@ def test_public_names_are_the_documented_objects():
 
 
 def test_subpackage_all_resolves():
-    for modname in ("sparse_triton.nn", "sparse_triton.ops", "sparse_triton.formats.nm"):
+    for modname in ("sparse_triton.nn", "sparse_triton.ops", "sparse_triton.formats.nm", "sparse_triton.tuning"):
         mod = importlib.import_module(modname)
         for name in mod.__all__:
             assert hasattr(mod, name), f"{modname}.{name}"

@@ -133,8 +133,8 @@ def test_real_op_tunes_checks_and_runs_the_winner(tuner_factory, monkeypatch):
     op = _Small()
     monkeypatch.setattr(nt, "FWD", op)
     tuner = tuner_factory(_Timer("dense"))
-    st.tuning.set_default_tuner(tuner)
     w = st.nm_compress(torch.randn(48, 96), 2, 4)
+    st.tuning.set_default_tuner(tuner)
     x = torch.randn(5, 96)
     ref = x.double() @ w.to_dense().double().t()
     before = _prepared.cached_forms()
@@ -142,7 +142,8 @@ def test_real_op_tunes_checks_and_runs_the_winner(tuner_factory, monkeypatch):
     torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-4)
     choice = tuner.resolve(op, ("fp32", "2:4", 48, 96, 8, 0), CPU)
     assert (choice.source, choice.candidate.name) == ("tuned", "dense")
-    assert sorted(tuner.timer.calls) == sorted(c.name for c in op.candidates(choice_key(), H100_LIMITS, CPU))
+    names = [c.name for c in op.candidates(choice_key(), H100_LIMITS, CPU)]
+    assert [c for c in tuner.timer.calls if c in names] == names  # (its random weight tuned the prune op too)
     assert _prepared.cached_forms() == before + 1  # the dense weight, kept for the next call
     # an in-place update of the weight (an optimizer step) is seen on the next call
     with torch.no_grad():
@@ -187,3 +188,42 @@ def test_prepared_form_goes_with_its_tensor():
 
     gc.collect()
     assert _prepared.cached_forms() == 0 and not _prepared._forms
+
+
+def test_prune_and_gather_tuned_bit_exact(tuner_factory):
+    from sparse_triton.reference import nm_prune as ref
+
+    class Few(nt.NMPruneTunable):
+        def candidates(self, key, limits, device):
+            return super().candidates(key, limits, device)[:3]
+
+    tuner = tuner_factory(_Timer("br4bg64groups1num_warps4"))
+    key = ("fp16", "2:4", 40, 72)
+    result = tuner.tune(Few(), key, CPU)
+    assert result.winner.name == "br4bg64groups1num_warps4" and not result.rejected
+    assert nt.PRUNE.from_entry(result.entry, key, H100_LIMITS, CPU) == result.winner
+    w = torch.randn(40, 72, dtype=torch.float16)
+    st.tuning.set_default_tuner(tuner)
+    got = torch.ops.sparse_triton.nm_prune_compress(w, 2, 4)  # runs the tuned config
+    want = ref.nm_prune_compress(w, 2, 4)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    # a wrong config never wins: a candidate that skips rows fails the bit-exact check
+    bad = nt.Candidate("bad", "triton", nt.prune_kernel.NMPruneConfig(BR=16, BG=32, GROUPS=True))
+    inputs = nt.PRUNE.make_inputs(key, CPU, torch.Generator().manual_seed(0))
+    nt.PRUNE.reset(inputs)
+    ok = nt.PRUNE.run(bad, inputs)
+    assert nt.PRUNE.error(ok, nt.PRUNE.reference(inputs)) == 0
+    assert nt.PRUNE.error((ok[0][:-1], ok[1]), nt.PRUNE.reference(inputs)) == float("inf")
+    gkey = ("fp32", "2:8", 24, 80)
+    g = tuner.tune(nt.GATHER, gkey, CPU)
+    assert g is not None and not g.rejected and len(g.times) == len(nt.prune_kernel.GATHER_SPACE)
+
+
+@pytest.mark.parametrize("entry", [
+    {"impl": "triton", "config": {"BR": 16, "BG": 32, "GROUPS": False}},  # 2:4 runs the in-thread kernel
+    {"impl": "triton", "config": {"BR": 16, "BG": 12, "GROUPS": True}},
+    {"impl": "triton", "config": {"BR": 0, "BG": 32, "GROUPS": True}},
+    {"impl": "dense"},
+])
+def test_prune_from_entry_rejects(entry):
+    assert nt.PRUNE.from_entry(entry, ("fp16", "2:4", 64, 64), H100_LIMITS, CPU) is None

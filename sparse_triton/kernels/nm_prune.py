@@ -180,6 +180,38 @@ def heuristic_config(n: int, m: int) -> NMPruneConfig:
     return NMPruneConfig(BR=1 << (fit.bit_length() - 1), BG=BG, GROUPS=False)  # largest power of two <= fit
 
 
+def prune_space(n: int, m: int) -> list[NMPruneConfig]:
+    """Prune configs worth timing for an n:m pattern (the heuristic's first): for the in-thread kernel,
+    1k to 8k elements per program at 4 or 8 warps; for the rank-tile kernel, one to four times the
+    heuristic's rows."""
+    first = heuristic_config(n, m)
+    out = [first]
+    if first.GROUPS:
+        for br in (2, 4, 8, 16, 32):
+            for bg in (32, 64, 128):
+                for warps in (4, 8):
+                    elems = br * bg * m
+                    if 1024 <= elems <= 8192 and (warps == 4 or elems >= 4096):
+                        out.append(NMPruneConfig(BR=br, BG=bg, GROUPS=True, num_warps=warps))
+    else:
+        for scale, warps in ((2, 4), (4, 8), (1, 8)):
+            out.append(NMPruneConfig(BR=first.BR * scale, BG=first.BG, GROUPS=False, num_warps=warps))
+    return list(dict.fromkeys(out))
+
+
+@dataclass(frozen=True)
+class NMGatherConfig:
+    """Rows x slots per program of the gather kernel."""
+
+    BR: int = 16
+    BS: int = 128
+    num_warps: int = 4
+
+
+GATHER_SPACE = (NMGatherConfig(), NMGatherConfig(8, 256), NMGatherConfig(32, 64), NMGatherConfig(16, 256, 8),
+                NMGatherConfig(4, 512, 4), NMGatherConfig(32, 128, 8))
+
+
 def nm_prune_compress(w: torch.Tensor, n: int, m: int,
                       config: NMPruneConfig | None = None,
                       out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,7 +252,7 @@ def nm_prune_compress(w: torch.Tensor, n: int, m: int,
 
 
 def nm_gather(dense: torch.Tensor, indices: torch.Tensor, n: int, m: int,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, config: NMGatherConfig | None = None) -> torch.Tensor:
     """Read ``dense[R, K]`` at the kept positions of an n:m compressed tensor with packed ``indices``.
 
     Returns ``values[R, S]`` (``dense.dtype``, ``S = ceil(K / m) * n``), the layout of
@@ -238,13 +270,12 @@ def nm_gather(dense: torch.Tensor, indices: torch.Tensor, n: int, m: int,
             f"nm_gather: out must be a contiguous {dense.dtype} tensor of shape {(R, S)} on {dense.device}")
     if R == 0 or S == 0:
         return out
-    BS = 128
-    BR = 16
-    grid = (triton.cdiv(R, BR), triton.cdiv(S, BS))
+    cfg = config or NMGatherConfig()
+    grid = (triton.cdiv(R, cfg.BR), triton.cdiv(S, cfg.BS))
     with on_device(dense):
         _nm_gather_kernel[grid](
             dense, indices, out, R, K, S, dense.stride(0), dense.stride(1), indices.stride(0), out.stride(0),
-            NN=n, MM=m, BITS=index_bits(m), BR=BR, BS=BS, num_warps=4)
+            NN=n, MM=m, BITS=index_bits(m), BR=cfg.BR, BS=cfg.BS, num_warps=cfg.num_warps)
     return out
 
 
@@ -268,6 +299,27 @@ def compile_variants():
             const.update(MP=triton.next_power_of_2(m), BWP=triton.next_power_of_2(cfg.BG * n // indices_per_word(m)))
         label = f"nm_prune{'.groups' if cfg.GROUPS else ''} {str(dtype)[6:]} {n}:{m} BR={cfg.BR}"
         yield from specializations(label, kern, sig, const, {"num_warps": cfg.num_warps}, unit=("stride_wk",))
+    for n, m in ((2, 4), (1, 4), (2, 8), (8, 16), (3, 8), (3, 4)):
+        sig = {"p_w": "*fp16", "p_val": "*fp16", "p_idx": "*i32"}
+        sig.update(dict.fromkeys(("R", "K", "G", "Wd", "stride_wr", "stride_wk", "stride_vr", "stride_ir"), "i32"))
+        for cfg in prune_space(n, m)[1:]:
+            const = {"NN": n, "MM": m, "BITS": index_bits(m), "BR": cfg.BR, "BG": cfg.BG}
+            if cfg.GROUPS:
+                kern = _nm_prune_groups_kernel
+            else:
+                kern = _nm_prune_kernel
+                const.update(MP=triton.next_power_of_2(m),
+                             BWP=triton.next_power_of_2(cfg.BG * n // indices_per_word(m)))
+            label = f"nm_prune space {n}:{m} BR={cfg.BR} BG={cfg.BG} w{cfg.num_warps}"
+            *_, aligned = specializations(label, kern, sig, const, {"num_warps": cfg.num_warps}, unit=("stride_wk",))
+            yield aligned
+    for cfg in GATHER_SPACE[1:]:
+        sig = {"p_d": "*fp16", "p_idx": "*i32", "p_val": "*fp16"}
+        sig.update(dict.fromkeys(("R", "K", "S", "stride_dr", "stride_dk", "stride_ir", "stride_vr"), "i32"))
+        const = {"NN": 2, "MM": 4, "BITS": index_bits(4), "BR": cfg.BR, "BS": cfg.BS}
+        *_, aligned = specializations(f"nm_gather space BR={cfg.BR} BS={cfg.BS} w{cfg.num_warps}", _nm_gather_kernel,
+                                      sig, const, {"num_warps": cfg.num_warps}, unit=("stride_dk",))
+        yield aligned
     for dtype, n, m in cases:
         sig = {"p_d": ptrs[dtype], "p_idx": "*i32", "p_val": ptrs[dtype]}
         sig.update(dict.fromkeys(("R", "K", "S", "stride_dr", "stride_dk", "stride_ir", "stride_vr"), "i32"))

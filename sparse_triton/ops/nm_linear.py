@@ -79,7 +79,8 @@ def nm_linear_bwd_dvalues(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tens
     """Gradient of the compressed values: ``(dy^T @ x)[N, K]`` at the kept positions, ``[N, S]``."""
     dw = dy.t() @ x  # dense [N, K] on cuBLAS: the flops of dense training
     if use_kernels(dw):
-        return prune_kernel.nm_gather(dw, indices.contiguous(), n, m)
+        cand = default_tuner().choose(tuned.GATHER, tuned.mem_key(dw, n, m), dw.device)
+        return prune_kernel.nm_gather(dw, indices.contiguous(), n, m, config=cand.config)
     return prune_reference.nm_gather(dw, indices, n, m)
 
 

@@ -11,6 +11,8 @@ import torch
 from ..formats.nm import NMTensor, indices_per_word
 from ..kernels import nm_prune as kernel
 from ..reference import nm_prune as reference
+from ..tuning.tuner import default_tuner
+from . import nm_tuning as tuned
 from ._dispatch import use_kernels
 
 
@@ -18,7 +20,8 @@ from ._dispatch import use_kernels
 def nm_prune_compress(w: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Compress ``w[R, K]`` along its last dim: ``(values[R, S], indices[R, Wd])``."""
     if use_kernels(w):
-        return kernel.nm_prune_compress(w, n, m)
+        cand = default_tuner().choose(tuned.PRUNE, tuned.mem_key(w, n, m), w.device)
+        return kernel.nm_prune_compress(w, n, m, config=cand.config)
     return reference.nm_prune_compress(w, n, m)
 
 

@@ -23,6 +23,7 @@ a power of two) and, for the forward, ``bias`` (0/1: the bias rides in the epilo
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -30,8 +31,10 @@ import torch.nn.functional as F
 
 from ..formats.nm import NMTensor, indices_per_word
 from ..kernels import nm_matmul as kernel
+from ..kernels import nm_prune as prune_kernel
 from ..kernels._launch import tf32_enabled
 from ..reference import nm_matmul as reference
+from ..reference import nm_prune as prune_reference
 from ..tuning.tables import bucket
 from ..tuning.tuner import Candidate, DeviceLimits, TunableOp
 from ._prepared import prepared
@@ -223,9 +226,116 @@ class NMLinearBwdDxTunable(_NMLinearTunable):
                           inputs["n"], inputs["m"], inputs["K"], out=inputs["out"])
 
 
+class _MemoryBoundTunable(TunableOp):
+    """Bit-exact memory-bound kernels keyed by ``(dtype, pattern, R rows, K)``: every candidate must
+    reproduce the reference exactly."""
+
+    fields = ("dtype", "nm", "R", "K")
+    bucket_field = "R"
+
+    def _dims(self, key: tuple) -> tuple[torch.dtype, int, int, int, int]:
+        tag, nm, R, K = key
+        n, m = _parse_nm(nm)
+        return TAG_DTYPE[tag], n, m, R, K
+
+    def tolerance(self, key: tuple) -> float:
+        return 0.0
+
+    def error(self, out, ref) -> float:
+        outs = out if isinstance(out, tuple) else (out,)
+        refs = ref if isinstance(ref, tuple) else (ref,)
+        same = all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(outs, refs))
+        return 0.0 if same else float("inf")
+
+    def _config(self, entry: dict[str, Any], cls, valid) -> Candidate | None:
+        d = entry.get("config")
+        if entry.get("impl") != "triton" or not isinstance(d, dict):
+            return None
+        try:
+            cfg = cls(**d)
+        except TypeError:
+            return None
+        ints = [v for v in dataclasses.astuple(cfg) if not isinstance(v, bool)]
+        if not all(isinstance(v, int) and 1 <= v <= 4096 and v & (v - 1) == 0 for v in ints) or not valid(cfg):
+            return None
+        return Candidate(_mem_name(cfg), "triton", cfg)
+
+
+def _mem_name(cfg) -> str:
+    return "".join(f"{k.lower()}{int(v)}" for k, v in dataclasses.asdict(cfg).items())
+
+
+class NMPruneTunable(_MemoryBoundTunable):
+    """``nm_prune_compress``: dense ``[R, K]`` -> (values, indices)."""
+
+    name = "nm_prune_compress"
+
+    def candidates(self, key: tuple, limits: DeviceLimits, device: torch.device) -> list[Candidate]:
+        _, n, m, _, _ = self._dims(key)
+        return [Candidate(_mem_name(c), "triton", c) for c in prune_kernel.prune_space(n, m)]
+
+    def from_entry(self, entry, key, limits, device):
+        _, n, m, _, _ = self._dims(key)
+        groups = indices_per_word(m) % n == 0
+        per_word = indices_per_word(m) // n if groups else 0
+
+        def valid(c) -> bool:
+            if c.GROUPS != groups:
+                return False
+            return c.BG % per_word == 0 if groups else c.BG == indices_per_word(m)
+        return self._config(entry, prune_kernel.NMPruneConfig, valid)
+
+    def make_inputs(self, key, device, generator):
+        dtype, n, m, R, K = self._dims(key)
+        S = NMTensor.slots_for(K, n, m)
+        return {"w": torch.randn(R, K, generator=generator, device=device).to(dtype), "n": n, "m": m,
+                "out": torch.empty(R, S, dtype=dtype, device=device),
+                "idx": torch.empty(R, -(-S // indices_per_word(m)), dtype=torch.int32, device=device)}
+
+    def reset(self, inputs):
+        inputs["out"].fill_(float("nan"))
+        inputs["idx"].fill_(-1)
+
+    def run(self, candidate, inputs):
+        return prune_kernel.nm_prune_compress(inputs["w"], inputs["n"], inputs["m"], config=candidate.config,
+                                              out=(inputs["out"], inputs["idx"]))
+
+    def reference(self, inputs):
+        return prune_reference.nm_prune_compress(inputs["w"], inputs["n"], inputs["m"])
+
+
+class NMGatherTunable(_MemoryBoundTunable):
+    """``nm_gather``: a dense ``[R, K]`` gradient read at the kept positions (the values' gradient)."""
+
+    name = "nm_gather"
+
+    def candidates(self, key, limits, device):
+        return [Candidate(_mem_name(c), "triton", c) for c in prune_kernel.GATHER_SPACE]
+
+    def from_entry(self, entry, key, limits, device):
+        return self._config(entry, prune_kernel.NMGatherConfig, lambda c: c.BR * c.BS <= 8192)
+
+    def make_inputs(self, key, device, generator):
+        from ..formats.nm import nm_compress
+
+        dtype, n, m, R, K = self._dims(key)
+        w = nm_compress(torch.randn(R, K, generator=generator, device=device).to(dtype), n, m)
+        return {"dense": torch.randn(R, K, generator=generator, device=device).to(dtype), "idx": w.indices,
+                "n": n, "m": m, "out": torch.empty_like(w.values)}
+
+    def run(self, candidate, inputs):
+        return prune_kernel.nm_gather(inputs["dense"], inputs["idx"], inputs["n"], inputs["m"], out=inputs["out"],
+                                      config=candidate.config)
+
+    def reference(self, inputs):
+        return prune_reference.nm_gather(inputs["dense"], inputs["idx"], inputs["n"], inputs["m"])
+
+
 FWD = NMLinearFwdTunable()
 BWD_DX = NMLinearBwdDxTunable()
-TUNABLE = {FWD.name: FWD, BWD_DX.name: BWD_DX}
+PRUNE = NMPruneTunable()
+GATHER = NMGatherTunable()
+TUNABLE = {op.name: op for op in (FWD, BWD_DX, PRUNE, GATHER)}
 
 
 def fwd_key(x: torch.Tensor, N: int, K: int, n: int, m: int, has_bias: bool) -> tuple:
@@ -234,3 +344,11 @@ def fwd_key(x: torch.Tensor, N: int, K: int, n: int, m: int, has_bias: bool) -> 
 
 def bwd_dx_key(dy: torch.Tensor, N: int, K: int, n: int, m: int) -> tuple:
     return (dtype_tag(dy.dtype), f"{n}:{m}", N, K, bucket(dy.shape[0]))
+
+
+MEM_TAG = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def mem_key(t: torch.Tensor, n: int, m: int) -> tuple:
+    """Key of the prune and gather kernels for a dense ``[R, K]`` operand."""
+    return (MEM_TAG[t.dtype], f"{n}:{m}", t.shape[0], t.shape[1])

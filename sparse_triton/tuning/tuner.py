@@ -126,8 +126,16 @@ class TunableOp:
         raise NotImplementedError
 
     def tolerance(self, key: tuple) -> float:
-        """Largest accepted ``max|out - ref| / max|ref|``."""
+        """Largest accepted ``error(out, ref)``."""
         raise NotImplementedError
+
+    def reset(self, inputs: dict[str, Any]) -> None:
+        """Poison the output buffer before a check run, so a tile a candidate forgets to write fails."""
+        inputs["out"].fill_(math.nan)
+
+    def error(self, out: Any, ref: Any) -> float:
+        """How far a candidate's output is from the reference: ``max|out - ref| / max|ref|``."""
+        return _max_rel_error(out, ref)
 
 
 @dataclass
@@ -312,19 +320,18 @@ class Tuner:
         with torch.no_grad(), _on(device):
             inputs = op.make_inputs(key, device, gen)
             ref = op.reference(inputs)
-            out = inputs["out"]
             for cand in cands:
                 try:
-                    out.fill_(math.nan)
+                    op.reset(inputs)
                     result = op.run(cand, inputs)
-                    err = _max_rel_error(result, ref)
+                    err = op.error(result, ref)
                     if not err <= tol:
                         rejected[cand.name] = f"error {err:.3g} > tolerance {tol:.3g}"
                         continue
                     times[cand.name] = float(self.timer(cand.name, functools.partial(op.run, cand, inputs)))
                 except Exception as e:  # noqa: BLE001 - a candidate that cannot run is simply not chosen
                     rejected[cand.name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            del inputs, ref, out
+            del inputs, ref
         if not times:
             import warnings
 
