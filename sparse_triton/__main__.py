@@ -150,7 +150,8 @@ def _load_model(spec: str) -> torch.nn.Module:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise SystemExit(f"tune: --model wants module:attr (e.g. mypkg.models:build), got {spec!r}")
-    sys.path.insert(0, os.getcwd())
+    if os.getcwd() not in sys.path:  # like `python -m`, let the model live in the working directory
+        sys.path.insert(0, os.getcwd())
     try:
         obj = importlib.import_module(module_name)
     except ImportError as e:
@@ -174,7 +175,7 @@ def _model_layers(model: torch.nn.Module, spec: str) -> list[tuple[int, int, int
     found = {}
     for mod in model.modules():
         if isinstance(mod, SparseLinear):
-            w = mod.weight_nm
+            w = mod.weight_nm()
             found[(mod.out_features, mod.in_features, w.n, w.m, dtype_tag(w.dtype), mod.bias is not None)] = None
     if not found:
         raise SystemExit(f"tune: --model {spec} has no sparse_triton.nn.SparseLinear layers "

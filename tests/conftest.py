@@ -11,6 +11,13 @@ import os
 GPU_TIER = os.environ.get("SPARSE_TRITON_GPU_TESTS", "0") == "1"
 if not GPU_TIER:
     os.environ["TRITON_INTERPRET"] = "1"
+else:
+    import tempfile
+
+    # Tests never read or write the user's tuning cache; shapes run their heuristic defaults unless a
+    # test turns tuning on (tests/test_gpu_tuning.py), so the tier's time goes to the tests themselves.
+    os.environ["SPARSE_TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="sparse_triton_test_cache_")
+    os.environ.setdefault("SPARSE_TRITON_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
