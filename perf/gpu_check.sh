@@ -1,23 +1,32 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: environment, GPU test tier, every perf suite (--quick), plots.
+# One command for a GPU machine: environment, GPU test tier, a quick tuning table, every perf suite
+# (--quick) with that table installed, plots.
 #
 #   bash perf/gpu_check.sh [OUTDIR]        # from anywhere; it runs from the repository root
 #
 # Needs only what the GPU machine has: python with torch + triton (+ pytest; matplotlib for the plots).
 # Nothing is installed; the repository is put on PYTHONPATH. Steps:
-#   env          nvidia-smi summary and versions (python -m perf.harness env)
-#   gpu-tests    python -m pytest tests -n 8 -q, with TRITON_INTERPRET unset and
-#                SPARSE_TRITON_GPU_TESTS=1: the whole test suite on CUDA, compiled, plus the gpu-marked
-#                tests (bf16, every config, CUDA graphs)
-#   perf:<name>  python -m perf.suites.<name> --quick --budget-s ..., for every perf/suites/*.py
-#   plot         python perf/plot.py perf/results/<gpu-slug>
-#   copy         perf/results/<gpu-slug>/ -> OUTDIR/results/, logs are in OUTDIR/logs/ (when OUTDIR given)
+#   env            nvidia-smi summary and versions (python -m perf.harness env)
+#   gpu-tests      python -m pytest tests -n 8 -q, with TRITON_INTERPRET unset and
+#                  SPARSE_TRITON_GPU_TESTS=1: the whole test suite on CUDA, compiled, plus the gpu-marked
+#                  tests (bf16, every config, CUDA graphs)
+#   tune           python -m autotune.regenerate --quick --budget-s ... --out OUTDIR/tuned/<slug>.json
+#                  (resuming from sparse_triton/tuning/tuned/<slug>.json when the checkout ships one)
+#   install-table  that table -> sparse_triton/tuning/tuned/<slug>.json in this working copy, so the perf
+#                  suites below run with it (the working copy is changed; do not commit it blindly)
+#   perf:<name>    python -m perf.suites.<name> --quick --budget-s ..., for every perf/suites/*.py
+#   plot           python perf/plot.py perf/results/<gpu-slug>
+#   copy           perf/results/<gpu-slug>/ -> OUTDIR/results/ (when OUTDIR is given)
+# OUTDIR (default: a new temporary directory) gets logs/ as the steps run, tuned/<slug>.json, user-cache/
+# (SPARSE_TRITON_CACHE_DIR for the whole run: what the suites tuned on first use; the user's own cache is
+# never read, so a run depends only on the checkout) and results/<gpu-slug>/.
 # Every step runs under `timeout` and the whole run stays inside GPU_CHECK_BUDGET_S (default 540 s); a
 # failing step does not stop the next one, but the exit status is non-zero if any step failed. The last
 # lines printed are one summary line per step.
 #
-# Knobs (environment): PYTHON, GPU_CHECK_BUDGET_S, GPU_CHECK_TESTS_TIMEOUT_S, GPU_CHECK_SUITE_TIMEOUT_S,
-# GPU_CHECK_PLOT_TIMEOUT_S, SPARSE_TRITON_GIT_COMMIT (recorded as the commit when there is no .git).
+# Knobs (environment): PYTHON, GPU_CHECK_BUDGET_S, GPU_CHECK_TESTS_TIMEOUT_S, GPU_CHECK_TUNE_TIMEOUT_S,
+# GPU_CHECK_PERF_MIN_S, GPU_CHECK_SUITE_TIMEOUT_S, GPU_CHECK_PLOT_TIMEOUT_S, SPARSE_TRITON_GIT_COMMIT
+# (recorded as the commit when there is no .git).
 
 set -u -o pipefail
 
@@ -28,10 +37,13 @@ PY=${PYTHON:-python3}
 BUDGET_S=${GPU_CHECK_BUDGET_S:-540}
 ENV_TIMEOUT_S=60
 TESTS_TIMEOUT_S=${GPU_CHECK_TESTS_TIMEOUT_S:-300}
+TUNE_TIMEOUT_S=${GPU_CHECK_TUNE_TIMEOUT_S:-150}
+PERF_MIN_S=${GPU_CHECK_PERF_MIN_S:-150}   # kept back for the perf suites while the tuning step runs
 SUITE_TIMEOUT_S=${GPU_CHECK_SUITE_TIMEOUT_S:-260}
 PLOT_TIMEOUT_S=${GPU_CHECK_PLOT_TIMEOUT_S:-60}
 RESERVE_S=45          # kept back for plot + copy while earlier steps run
 SUITE_MARGIN_S=35     # a suite's --budget-s is its timeout minus this (start-up, last case, final write)
+TUNE_MARGIN_S=25      # the tuning step's --budget-s is its timeout minus this (start-up, last key)
 
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -40,11 +52,15 @@ unset TRITON_INTERPRET
 
 START=$(date +%s)
 if [[ -n $OUTDIR ]]; then
-    mkdir -p "$OUTDIR/logs" || exit 2
-    LOGDIR=$(cd "$OUTDIR/logs" && pwd)
+    mkdir -p "$OUTDIR" || exit 2
+    OUTROOT=$(cd "$OUTDIR" && pwd)
 else
-    LOGDIR=$(mktemp -d "${TMPDIR:-/tmp}/sparse_triton_gpu_check.XXXXXX") || exit 2
+    OUTROOT=$(mktemp -d "${TMPDIR:-/tmp}/sparse_triton_gpu_check.XXXXXX") || exit 2
 fi
+LOGDIR=$OUTROOT/logs
+mkdir -p "$LOGDIR" "$OUTROOT/tuned" "$OUTROOT/user-cache" || exit 2
+# A fresh user cache: the suites see the shipped table (and what they tune on first use), nothing older.
+export SPARSE_TRITON_CACHE_DIR=$OUTROOT/user-cache
 
 SUMMARY=()
 FAILED=0
@@ -110,7 +126,41 @@ RESULTS="perf/results/$SLUG"
 run_step gpu-tests "$(step_timeout "$TESTS_TIMEOUT_S" "$RESERVE_S")" \
     "$PY" -m pytest tests -q -p no:cacheprovider -n 8
 
-# --- (c) perf suites, --quick; the time left is shared among the suites not yet run -----------------
+# --- (c) a quick tuning table for this GPU, installed into the working copy for the suites ----------
+# Resume from the table the checkout ships (its keys are kept, not re-timed), unless that table came from
+# --quick runs only: then it is a leftover of an earlier gpu_check, possibly of other code, and is redone.
+TSLUG=$("$PY" -c 'import torch; from sparse_triton.tuning import gpu_slug
+print(gpu_slug(torch.cuda.get_device_name()))' 2>/dev/null) || TSLUG=""
+if [[ -z $TSLUG ]]; then
+    STEPS=$((STEPS + 2)); FAILED=$((FAILED + 2))
+    record tune FAIL 0 "no CUDA device name (torch.cuda.get_device_name failed)"
+    record install-table FAIL 0 "no table"
+else
+    TABLE="$OUTROOT/tuned/$TSLUG.json"
+    SHIPPED="sparse_triton/tuning/tuned/$TSLUG.json"
+    RESUME=()
+    if [[ -f $SHIPPED ]] && "$PY" -c 'import json, sys
+meta = json.load(open(sys.argv[1])).get("meta") or {}
+sys.exit(1 if (meta.get("campaign") or {}).get("quick") else 0)' "$SHIPPED" 2>/dev/null; then
+        RESUME=(--resume "$SHIPPED")
+    fi
+    t=$(step_timeout "$TUNE_TIMEOUT_S" $(( RESERVE_S + PERF_MIN_S )))
+    TUNE_BUDGET_S=$(( t > TUNE_MARGIN_S ? t - TUNE_MARGIN_S : 1 ))
+    run_step tune "$t" "$PY" -m autotune.regenerate --quick --budget-s "$TUNE_BUDGET_S" --out "$TABLE" \
+        ${RESUME[@]+"${RESUME[@]}"}
+    # A table cut short by the budget or a timeout is still valid: it is rewritten atomically per key.
+    STEPS=$((STEPS + 1))
+    if [[ -s $TABLE ]] && mkdir -p "$(dirname "$SHIPPED")" && cp "$TABLE" "$SHIPPED"; then
+        keys=$("$PY" -c 'import json, sys
+print(sum(len(v) for v in json.load(open(sys.argv[1]))["entries"].values()))' "$TABLE" 2>/dev/null) || keys="?"
+        record install-table OK 0 "$keys keys: $TABLE -> $SHIPPED"
+    else
+        FAILED=$((FAILED + 1))
+        record install-table FAIL 0 "no table at $TABLE; the suites tune on first use"
+    fi
+fi
+
+# --- (d) perf suites, --quick; the time left is shared among the suites not yet run -----------------
 SUITES=()
 for f in perf/suites/*.py; do
     s=$(basename "$f" .py)
@@ -126,7 +176,7 @@ for i in "${!SUITES[@]}"; do
     run_step "perf:$s" "$t" "$PY" -m "perf.suites.$s" --quick --budget-s $(( t > SUITE_MARGIN_S ? t - SUITE_MARGIN_S : 1 ))
 done
 
-# --- (d) plots -------------------------------------------------------------------------------------
+# --- (e) plots -------------------------------------------------------------------------------------
 if [[ ! -d $RESULTS ]]; then
     STEPS=$((STEPS + 1)); FAILED=$((FAILED + 1))
     record plot FAIL 0 "no results in $RESULTS"
@@ -137,14 +187,14 @@ else
     run_step plot "$(step_timeout "$PLOT_TIMEOUT_S" 5)" "$PY" perf/plot.py "$RESULTS"
 fi
 
-# --- (e) copy results and logs ---------------------------------------------------------------------
+# --- (f) copy results (logs, the table and the user cache are already under OUTDIR) ----------------
 if [[ -n $OUTDIR ]]; then
     STEPS=$((STEPS + 1))
-    if [[ -d $RESULTS ]] && mkdir -p "$OUTDIR/results" && cp -r "$RESULTS" "$OUTDIR/results/"; then
-        record copy OK 0 "$RESULTS -> $OUTDIR/results/$SLUG, logs in $LOGDIR"
+    if [[ -d $RESULTS ]] && mkdir -p "$OUTROOT/results" && cp -r "$RESULTS" "$OUTROOT/results/"; then
+        record copy OK 0 "$RESULTS -> $OUTROOT/results/$SLUG, logs in $LOGDIR"
     else
         FAILED=$((FAILED + 1))
-        record copy FAIL 0 "could not copy $RESULTS to $OUTDIR/results/"
+        record copy FAIL 0 "could not copy $RESULTS to $OUTROOT/results/"
     fi
 fi
 

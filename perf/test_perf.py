@@ -6,6 +6,10 @@ is one call plus ``torch.cuda.synchronize()``: a host-observed latency (launch +
 to track regressions with ``--benchmark-autosave`` / ``--benchmark-compare``. The numbers of record
 come from ``python -m perf.suites.nm_linear`` (CUDA events or graphs, L2 flush, medians).
 
+``st.nm_linear`` runs what the runtime tuner chose for the key (user cache, shipped table, or tuned on
+the first call, which is outside the benchmark); ``extra_info`` records that choice and its source, so
+two saved runs that differ in it are not mistaken for a kernel regression.
+
 Without a CUDA GPU (or with ``TRITON_INTERPRET`` set) every test here is collected and skipped.
 """
 
@@ -60,4 +64,11 @@ def test_nm_linear_2to4_4096(benchmark, nm_weight, M: int, impl: str) -> None:
         "gpu": torch.cuda.get_device_name(), "N": N, "K": K, "M": M, "pattern": "2:4", "dtype": "fp16",
         "impl": impl, "rel_err": err, "timing": "host clock around call + cuda synchronize",
     })
+    if impl == "sparse_triton":
+        from sparse_triton.ops import nm_tuning as nt
+        from sparse_triton.tuning import default_tuner
+
+        choice = default_tuner().resolve(nt.FWD, nt.fwd_key(x, N, K, *PATTERN, False), x.device)
+        benchmark.extra_info.update({"choice": choice.candidate.name, "choice_impl": choice.candidate.impl,
+                                     "choice_source": choice.source})
     benchmark.pedantic(run, warmup_rounds=25, rounds=200, iterations=1)

@@ -9,10 +9,15 @@ Run from the repository root on a GPU machine::
 For every case (shape, tokens M, pattern N:M, dtype) one random weight is pruned and compressed with
 ``st.nm_compress``; its dense form (``to_dense()``, the pruned weight) is the dense baseline's weight, so
 all implementations compute the same function. Each implementation is checked against an fp32
-reference (relative error recorded; sparse_triton above 1e-2 fails the suite), then timed:
+reference (relative error recorded; sparse_triton or its heuristic default above 1e-2 fails the suite), then timed:
 
 * ``dense``: ``F.linear(x, w_pruned_dense)`` -- cuBLAS, the layer a user would otherwise run;
-* ``sparse_triton``: ``st.nm_linear(x, w_nm)`` on the compressed weight;
+* ``sparse_triton``: ``st.nm_linear(x, w_nm)`` on the compressed weight, the public op: the runtime tuner
+  (``sparse_triton.tuning``) picks its implementation (our kernel and config, cuSPARSELt, or dense cuBLAS)
+  from the user cache, the shipped table or by tuning on first use; the row records the choice
+  (``config``, ``backend``, ``choice_source``) and the heuristic default's time (``heuristic_ms``);
+* ``sparse_triton_heuristic``: the op's heuristic default (its first tuning candidate, what runs where
+  nothing was measured) called directly through ``ops.nm_tuning.run_fwd``: what tuning gains;
 * ``torch_semi_structured`` (2:4 only): ``F.linear(x, to_sparse_semi_structured(w))`` -- cuSPARSELt or
   CUTLASS; recorded as ``unsupported``/``unavailable`` with the reason where PyTorch refuses it.
 
@@ -60,6 +65,9 @@ REL_TOL = 1e-2
 IMPL_DENSE = "dense"
 IMPL_OURS = "sparse_triton"
 IMPL_SEMI = "torch_semi_structured"
+IMPL_HEUR = "sparse_triton_heuristic"
+# Fields of the sparse_triton row that say what the tuner chose (see tuner_choice).
+CHOICE_FIELDS = ("config", "backend", "choice_source", "choice_key", "choice_s", "tuned_ms")
 
 
 SHAPES = {s.name: s for s in LLAMA3_8B + LLAMA3_70B}
@@ -76,7 +84,7 @@ PLOT = PlotSpec(
     panel=("shape", "dims", "dtype"),
     color="pattern",
     style="impl",
-    exclude={"impl": (IMPL_DENSE,), "status": ("wrong", "error", "unsupported", "unavailable")},
+    exclude={"impl": (IMPL_DENSE, IMPL_HEUR), "status": ("wrong", "error", "unsupported", "unavailable")},
     xscale="log2",
     hline=1.0,
     xlabel="tokens M",
@@ -120,6 +128,7 @@ class Operand:
     apply: Callable[[torch.Tensor, Any], torch.Tensor]
     clone: Callable[[], Any]
     backend: str | None = None
+    config: str | None = None  # the candidate's name (implementation and launch config), for ours
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,7 +272,52 @@ def _dense_operand(w_dense: torch.Tensor) -> Operand:
     )
 
 
-def _ours_operand(st: Any, w_nm: Any, w_dense: torch.Tensor, n: int, m: int) -> Operand:
+def tuner_choice(x: torch.Tensor, w_nm: Any) -> dict[str, Any]:
+    """What ``st.nm_linear(x, w_nm)`` will run here, and where that came from, as row fields.
+
+    ``default_tuner().resolve`` walks the op's own lookup order (memory, user cache, shipped table, tune
+    now, heuristic), so this is the choice the public op makes; resolving first also keeps any tuning
+    out of the timings (``choice_s`` is how long the lookup, tuning included, took).
+    """
+    from sparse_triton.ops import nm_tuning as nt
+    from sparse_triton.tuning import default_tuner
+
+    N, K = w_nm.shape
+    key = nt.fwd_key(x, N, K, w_nm.n, w_nm.m, False)
+    t0 = time.perf_counter()
+    choice = default_tuner().resolve(nt.FWD, key, x.device)
+    entry = choice.entry or {}
+    return {
+        "config": choice.candidate.name,
+        "backend": choice.candidate.impl,
+        "choice_source": choice.source,
+        "choice_key": choice.key,
+        "choice_s": round(time.perf_counter() - t0, 3),
+        "tuned_ms": entry.get("ms"),  # the tuner's own time for the entry's key (another M if nearest)
+    }
+
+
+def tuning_state(device: torch.device) -> dict[str, Any]:
+    """Where the tuner's choices can come from in this run: the mode, the user cache, the shipped table."""
+    from sparse_triton.tuning import autotune_enabled, default_tuner
+
+    tuner = default_tuner()
+    info = tuner.device_info(device)
+    cache = tuner.cache(info)
+    table = tuner.shipped(info.slug)
+    campaign = table.meta.get("campaign") if isinstance(table.meta.get("campaign"), dict) else {}
+    return {
+        "autotune": autotune_enabled(),
+        "user_cache": str(cache.path),
+        "user_cache_keys": sum(len(cache.entries(op)) for op in ("nm_linear_fwd", "nm_linear_bwd_dx")),
+        "shipped_table": str(table.path) if table.path else None,
+        "shipped_keys": len(table),
+        "shipped_campaign": {k: campaign.get(k) for k in ("date", "commit", "quick")} if campaign else None,
+    }
+
+
+def _ours_operand(st: Any, w_nm: Any, w_dense: torch.Tensor, n: int, m: int,
+                  choice: dict[str, Any] | None) -> Operand:
     def clone() -> Any:
         # A deep copy keeps the exact stored values and indices in fresh buffers; if the type cannot be
         # deep-copied, compressing the (already N:M) dense weight again gives the same dense weight.
@@ -281,8 +335,26 @@ def _ours_operand(st: Any, w_nm: Any, w_dense: torch.Tensor, n: int, m: int) -> 
         weight_bytes=tensor_bytes(w_nm.values, w_nm.indices),
         apply=lambda x, w: st.nm_linear(x, w),
         clone=clone,
-        backend="triton",
+        backend=(choice or {}).get("backend"),
+        config=(choice or {}).get("config"),
     )
+
+
+def _heuristic_operand(ours: Operand, x: torch.Tensor, n: int, m: int) -> Operand:
+    """The op's heuristic default (first candidate) for this key, run directly, on ours' weights."""
+    from sparse_triton.ops import nm_tuning as nt
+    from sparse_triton.tuning import default_tuner
+
+    w_nm = ours.weight
+    N, K = w_nm.shape
+    key = nt.fwd_key(x, N, K, n, m, False)
+    cand = nt.FWD.candidates(key, default_tuner().limits(x.device), x.device)[0]
+
+    def apply(xi: torch.Tensor, w: Any) -> torch.Tensor:
+        return nt.run_fwd(cand, xi, w.values, w.indices, None, n, m, K)
+
+    return Operand(impl=IMPL_HEUR, weight=w_nm, weight_bytes=ours.weight_bytes, apply=apply, clone=ours.clone,
+                   backend=cand.impl, config=cand.name)
 
 
 def _semi_structured_operand(w_dense: torch.Tensor) -> Operand | str:
@@ -343,10 +415,15 @@ def run_case(st: Any, case: Case, s: Settings, device: str = "cuda") -> tuple[li
     }
     rows: list[dict[str, Any]] = []
     failures: list[str] = []
+    choice: dict[str, Any] = {}
 
     def row(impl: str, status: str, **fields: Any) -> dict[str, Any]:
-        r = {**base, "impl": impl, "status": status, "backend": None, "ms": None, "tflops": None,
+        r = {**base, "impl": impl, "status": status, "backend": None, "config": None, "ms": None, "tflops": None,
              "gbps": None, "bytes": None, "speedup": None, "rel_err": None, "note": None}
+        if impl == IMPL_OURS:  # what the tuner chose, and the heuristic default's time (filled in below)
+            r.update({k: choice.get(k) for k in CHOICE_FIELDS}, heuristic=None, heuristic_ms=None,
+                     vs_heuristic=None)
+            r["note"] = choice.get("note")
         r.update(fields)
         rows.append(r)
         return r
@@ -363,7 +440,16 @@ def run_case(st: Any, case: Case, s: Settings, device: str = "cuda") -> tuple[li
     del w
     ref = F.linear(x.float(), w_dense.float())
 
-    operands: list[Operand] = [_dense_operand(w_dense), _ours_operand(st, w_nm, w_dense, case.n, case.m)]
+    try:
+        choice.update(tuner_choice(x, w_nm))
+    except Exception as exc:  # the op call below raises too and is recorded there; keep the reason
+        choice.update(choice_source="error", note=f"tuner: {type(exc).__name__}: {_first_line(exc)}")
+    ours_op = _ours_operand(st, w_nm, w_dense, case.n, case.m, choice)
+    operands: list[Operand] = [_dense_operand(w_dense), ours_op]
+    try:
+        operands.append(_heuristic_operand(ours_op, x, case.n, case.m))
+    except Exception as exc:  # recorded as an error row of the heuristic, not a suite failure
+        row(IMPL_HEUR, "error", note=f"no heuristic candidate: {type(exc).__name__}: {_first_line(exc)}")
     semi_refused: str | None = None
     if (case.n, case.m) == (2, 4):
         semi = _semi_structured_operand(w_dense)
@@ -374,34 +460,36 @@ def run_case(st: Any, case: Case, s: Settings, device: str = "cuda") -> tuple[li
 
     dense_ms: float | None = None
     for op in operands:
-        ours = op.impl == IMPL_OURS
+        ours = op.impl in (IMPL_OURS, IMPL_HEUR)  # the heuristic default is what runs with tuning off
+        who = "nm_linear" if op.impl == IMPL_OURS else "the heuristic default"
         try:
             err = relative_error(op.apply(x, op.weight), ref)
         except Exception as exc:  # any failure becomes a row, never a crash
             status = "error" if op.impl != IMPL_SEMI else "unsupported"
-            row(op.impl, status, backend=op.backend, note=f"{type(exc).__name__}: {_first_line(exc)}")
+            row(op.impl, status, backend=op.backend, config=op.config,
+                note=f"{type(exc).__name__}: {_first_line(exc)}")
             if ours:
-                failures.append(f"{case.label}: nm_linear raised {type(exc).__name__}: {_first_line(exc)}")
+                failures.append(f"{case.label}: {who} raised {type(exc).__name__}: {_first_line(exc)}")
             continue
         if not err <= REL_TOL:
-            row(op.impl, "wrong", backend=op.backend, rel_err=err,
+            row(op.impl, "wrong", backend=op.backend, config=op.config, rel_err=err,
                 note=f"relative error {err:.3g} > {REL_TOL:g} against the fp32 reference; not timed")
             if ours:
-                failures.append(f"{case.label}: relative error {err:.3g} > {REL_TOL:g}")
+                failures.append(f"{case.label}: {who}: relative error {err:.3g} > {REL_TOL:g}")
             continue
         try:
             timing = _time_operand(op, x, y_bytes, s, cuda_graph)
         except Exception as exc:  # any failure becomes a row, never a crash
-            row(op.impl, "error", backend=op.backend, rel_err=err,
+            row(op.impl, "error", backend=op.backend, config=op.config, rel_err=err,
                 note=f"timing failed: {type(exc).__name__}: {_first_line(exc)}")
             if ours:
-                failures.append(f"{case.label}: timing raised {type(exc).__name__}: {_first_line(exc)}")
+                failures.append(f"{case.label}: timing {who} raised {type(exc).__name__}: {_first_line(exc)}")
             continue
         moved = op.weight_bytes + tensor_bytes(x) + y_bytes
         if op.impl == IMPL_DENSE:
             dense_ms = timing.median_ms
         row(
-            op.impl, "ok", backend=op.backend, rel_err=err, bytes=moved,
+            op.impl, "ok", backend=op.backend, config=op.config, rel_err=err, bytes=moved,
             tflops=tflops(case.flops, timing.median_ms), gbps=gbps(moved, timing.median_ms),
             speedup=(dense_ms / timing.median_ms) if dense_ms else None,
             **timing.as_row(),
@@ -409,7 +497,22 @@ def run_case(st: Any, case: Case, s: Settings, device: str = "cuda") -> tuple[li
     if semi_refused is not None:
         status, _, why = semi_refused.partition(": ")
         row(IMPL_SEMI, status, note=why)
+    _link_heuristic(rows)
     return rows, failures
+
+
+def _link_heuristic(rows: list[dict[str, Any]]) -> None:
+    """Copy the heuristic default's name and time onto the sparse_triton row (``vs_heuristic`` = how
+    much faster the tuned choice is than the heuristic default, measured in the same case)."""
+    ours = next((r for r in rows if r["impl"] == IMPL_OURS), None)
+    heur = next((r for r in rows if r["impl"] == IMPL_HEUR), None)
+    if ours is None or heur is None:
+        return
+    ours["heuristic"] = heur.get("config")
+    if heur["status"] == "ok":
+        ours["heuristic_ms"] = heur["ms"]
+        if ours["status"] == "ok" and ours.get("ms"):
+            ours["vs_heuristic"] = heur["ms"] / ours["ms"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -417,28 +520,39 @@ def run_case(st: Any, case: Case, s: Settings, device: str = "cuda") -> tuple[li
 # --------------------------------------------------------------------------------------------------
 
 
+# Marks after a sparse_triton speedup in the summary table: the implementation the tuner chose.
+IMPL_MARK = {"dense": " D", "cusparselt": " C"}
+
+
 def _cell(r: dict[str, Any] | None) -> str:
     if r is None:
         return "-"
     if r["status"] != "ok":
         return {"unsupported": "unsup", "unavailable": "n/a"}.get(r["status"], r["status"])
-    return f"{r['speedup']:.2f}x" if r.get("speedup") is not None else "-"
+    if r.get("speedup") is None:
+        return "-"
+    return f"{r['speedup']:.2f}x" + (IMPL_MARK.get(r.get("backend"), "") if r["impl"] == IMPL_OURS else "")
 
 
 def progress_line(rows: Sequence[dict[str, Any]]) -> str:
     parts = []
     for r in rows:
+        name = "heuristic" if r["impl"] == IMPL_HEUR else r["impl"]
         if r["status"] == "ok":
             sp = f" {r['speedup']:.2f}x" if r["impl"] != IMPL_DENSE and r.get("speedup") else ""
-            parts.append(f"{r['impl']} {r['ms'] * 1e3:.1f}us{sp}")
+            parts.append(f"{name} {r['ms'] * 1e3:.1f}us{sp}")
         else:
-            parts.append(f"{r['impl']} {r['status']}")
+            parts.append(f"{name} {r['status']}")
+        if r["impl"] == IMPL_OURS:
+            parts[-1] += f" ({r.get('backend') or '?'}, {r.get('choice_source') or '?'})"
     mode = next((r["timing"] for r in rows if r.get("timing")), "-")
     return " | ".join(parts) + f" [{mode}]"
 
 
 def summary_table(rows: Sequence[dict[str, Any]], patterns: Sequence[tuple[int, int]]) -> str:
-    """One line per (shape, dtype, M): sparse_triton speedup per pattern, and PyTorch 2:4's."""
+    """One line per (shape, dtype, M): sparse_triton speedup per pattern (marked with the implementation
+    the tuner chose when it is not our kernel), PyTorch 2:4's, the range of tuned-over-heuristic speedups
+    and where the choices came from."""
     index = {(r["shape"], r["dtype"], r["M"], r["pattern"], r["impl"]): r for r in rows}
     shape_order = list(dict.fromkeys(r["shape"] for r in rows))
     dtype_order = list(dict.fromkeys(r["dtype"] for r in rows))
@@ -448,24 +562,30 @@ def summary_table(rows: Sequence[dict[str, Any]], patterns: Sequence[tuple[int, 
     table_rows = []
     for shape, dtype, M in keys:
         line: dict[str, Any] = {"shape": shape, "dtype": dtype, "M": M}
-        errs, modes = [], set()
+        errs, modes, vs_heur, sources = [], set(), [], set()
         for p in labels:
             ours = index.get((shape, dtype, M, p, IMPL_OURS))
             line[p] = _cell(ours)
             if ours is not None and ours.get("rel_err") is not None:
                 errs.append(ours["rel_err"])
+            if ours is not None and ours.get("vs_heuristic") is not None:
+                vs_heur.append(ours["vs_heuristic"])
+            if ours is not None and ours.get("choice_source"):
+                sources.add(ours["choice_source"])
             dense = index.get((shape, dtype, M, p, IMPL_DENSE))
             if dense is not None and dense.get("timing"):
                 modes.add(dense["timing"])
             if p == "2:4":
                 line["2:4 torch"] = _cell(index.get((shape, dtype, M, p, IMPL_SEMI)))
+        line["vs_heur"] = f"{min(vs_heur):.2f}-{max(vs_heur):.2f}" if vs_heur else "-"
+        line["source"] = "/".join(sorted(sources)) or "-"
         line["max_err"] = f"{max(errs):.1e}" if errs else "-"
         line["timing"] = "/".join(sorted(modes)) or "-"
         table_rows.append(line)
     columns = ["shape", "dtype", "M", *labels]
     if "2:4" in labels:
         columns.insert(columns.index("2:4") + 1, "2:4 torch")
-    return format_table(table_rows, [*columns, "max_err", "timing"])
+    return format_table(table_rows, [*columns, "vs_heur", "source", "max_err", "timing"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -494,6 +614,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
         "cublas_allow_bf16_reduced_precision_reduction":
             torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
+        "tuning": tuning_state(torch.device("cuda", torch.cuda.current_device())),
     }
     writer = ResultWriter(SUITE, args.out, config=config, plot=PLOT)
     budget = Budget(s.budget_s)
@@ -520,7 +641,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(summary_table(writer.rows, s.patterns))
     print(f"{SUITE}: sparse_triton speedup over dense cuBLAS F.linear on the same pruned weight "
-          f"(median; 'wrong' = rel err > {REL_TOL:g}, not timed)")
+          f"(median; 'wrong' = rel err > {REL_TOL:g}, not timed; D / C = the tuner chose dense cuBLAS / "
+          f"cuSPARSELt); vs_heur = heuristic default ms / tuned choice ms; source = where the choice came from")
     if skipped:
         print(f"{SUITE}: INCOMPLETE: budget {s.budget_s:g}s reached, {len(skipped)}/{len(cases)} cases not run")
     for f in failures:
