@@ -182,8 +182,8 @@ def heuristic_config(n: int, m: int) -> NMPruneConfig:
 
 def prune_space(n: int, m: int) -> list[NMPruneConfig]:
     """Prune configs worth timing for an n:m pattern (the heuristic's first): for the in-thread kernel,
-    1k to 8k elements per program at 4 or 8 warps; for the rank-tile kernel, one to four times the
-    heuristic's rows."""
+    1k to 2k elements per program at 4 warps, 2k to 8k at 8; for the rank-tile kernel, one to four
+    times the heuristic's rows."""
     first = heuristic_config(n, m)
     out = [first]
     if first.GROUPS:
@@ -191,7 +191,8 @@ def prune_space(n: int, m: int) -> list[NMPruneConfig]:
             for bg in (32, 64, 128):
                 for warps in (4, 8):
                     elems = br * bg * m
-                    if 1024 <= elems <= 8192 and (warps == 4 or elems >= 4096):
+                    # (4k elements on 4 warps spills for 1:4 on sm_90)
+                    if (warps == 4 and 1024 <= elems <= 2048) or (warps == 8 and 2048 <= elems <= 8192):
                         out.append(NMPruneConfig(BR=br, BG=bg, GROUPS=True, num_warps=warps))
     else:
         for scale, warps in ((2, 4), (4, 8), (1, 8)):

@@ -61,6 +61,10 @@ class CudaTimer:
         torch.cuda.synchronize()
         return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
+    def release(self) -> None:
+        """Drop the flush buffers (the tuner calls this when a key is done)."""
+        self._flush.clear()
+
     @staticmethod
     def _time_once(fn: Callable[[], object], flush: torch.Tensor) -> float:
         flush.zero_()

@@ -332,6 +332,9 @@ class Tuner:
                 except Exception as e:  # noqa: BLE001 - a candidate that cannot run is simply not chosen
                     rejected[cand.name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             del inputs, ref
+            release = getattr(self.timer, "release", None)
+            if release is not None:
+                release()  # the L2-flush buffer is not kept past tuning
         if not times:
             import warnings
 
