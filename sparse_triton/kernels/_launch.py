@@ -48,5 +48,7 @@ def specializations(label: str, kernel, signature: dict, constexprs: dict, optio
     yield f"{label} ragged", kernel, signature, constexprs, options, {}
     sig = {k: v for k, v in signature.items() if k not in unit}
     const = {**constexprs, **dict.fromkeys(unit, 1)}
-    attrs = {(kernel.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items() if k != "M"}
+    # Only pointers and integers carry divisibility (a float scalar such as a softmax scale never does).
+    attrs = {(kernel.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items()
+             if k != "M" and (v.startswith("*") or v in ("i32", "i64"))}
     yield f"{label} aligned", kernel, sig, const, options, attrs

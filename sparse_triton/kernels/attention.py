@@ -1,0 +1,668 @@
+"""Block-sparse attention for prefill and training: forward with online softmax, and backward.
+
+The mask is a :class:`~sparse_triton.formats.block_mask.BlockMask`: for every (batch, query head,
+query block) a list of *partial* kv blocks (element mask applied inside) and a list of *full* kv blocks
+(no element mask), plus the transposed lists (per kv block, the query blocks that read it).
+
+* ``_attn_fwd_kernel``: one program per (query tile, batch x query head). It walks the partial list,
+  then the full list, and only those kv blocks: work is proportional to the blocks kept. Scores are
+  prescaled by ``scale * log2(e)`` so the online softmax runs on ``exp2``. Writes ``o`` and the
+  natural-log ``lse`` (fp32) that the backward needs.
+* ``_attn_bwd_dq_kernel``: one program per (query tile, batch x query head), over the same lists as
+  the forward: ``dq = scale * sum_j dS_j K_j``.
+* ``_attn_bwd_dkv_kernel``: one program per (kv tile, batch x kv head) over the *transposed* lists of
+  every query head of its GQA group, so each program owns its ``dk``/``dv`` rows outright: no atomics,
+  deterministic.
+
+Masking. In a partial block the kernels apply the bounds (``k < Skv``), the causal rule ``k <= q``
+when causal, and the block's element bitmask (``partial_bits[slot]``, one bit per (query, key) pair)
+when its slot is ``>= 0``. A full block is unmasked, except that a scalar test per tile catches the two
+cases a hand-made mask may leave there: a tile that crosses the kv tail or the causal diagonal is
+masked, and a tile entirely above the diagonal is skipped. A query row with no allowed key ends with
+``l = 0``: it writes ``o = 0`` and ``lse = -inf`` (the running max is kept finite for the exponentials,
+so no NaN appears), and contributes nothing to any gradient.
+
+The kernels' tiles (BM query rows x BN keys) divide the mask's blocks (BQ x BK); a program handles
+the sub-tiles of one block in turn. GQA/MQA is native: query head ``h`` reads kv head ``h // G``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .._env import TRITON_INTERPRET as INTERPRET
+from ._launch import on_device, specializations, tf32_enabled
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+HEAD_DIMS = (32, 64, 96, 128, 256)
+BLOCK_SIZES = (16, 32, 64, 128)
+
+# --------------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _elem_mask(offs_m, offs_n, Skv, slot, p_bits, ROWS_ARE_Q: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+               IS_CAUSAL: tl.constexpr, HAS_BITS: tl.constexpr):
+    """Allowed (query, key) pairs of a tile: ``[len(offs_m), len(offs_n)]`` when ``ROWS_ARE_Q``, else
+    ``[len(offs_n), len(offs_m)]`` (the dK/dV kernel works on the transposed scores)."""
+    W: tl.constexpr = (BK + 31) // 32
+    if ROWS_ARE_Q:
+        q = offs_m[:, None]
+        k = offs_n[None, :]
+    else:
+        q = offs_m[None, :]
+        k = offs_n[:, None]
+    allowed = k < Skv
+    if IS_CAUSAL:
+        allowed = allowed & (k <= q)
+    if HAS_BITS:
+        col = k % BK
+        # slot -1 (no bitmask) reads as all bits set
+        m_slot = (tl.zeros_like(q + k) + slot) >= 0
+        words = tl.load(p_bits + slot * (BQ * W) + (q % BQ) * W + col // 32, mask=m_slot, other=-1)
+        allowed = allowed & (((words >> (col % 32)) & 1) != 0)
+    return allowed
+
+
+@triton.jit
+def _visible(start_n, last_m, IS_CAUSAL: tl.constexpr):
+    """Whether a tile whose first key is ``start_n`` has any key ``<= last_m`` (its last query) when
+    causal: tiles entirely above the diagonal are skipped."""
+    if IS_CAUSAL:
+        return start_n <= last_m
+    else:
+        return start_n >= 0
+
+
+@triton.jit
+def _after(last_n, start_m, IS_CAUSAL: tl.constexpr):
+    """Whether a tile's last key lies after its first query (the tile crosses the causal diagonal)."""
+    if IS_CAUSAL:
+        return last_n > start_m
+    else:
+        return last_n < 0
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, b_q, p_k, p_v, s_ks, s_vs, offs_m, start_n, Skv, slot, p_bits, qk_scale,
+              MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BQ: tl.constexpr,
+              BK: tl.constexpr, BN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BITS: tl.constexpr,
+              PRECISION: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BN)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ld = (offs_n < Skv)[None, :] & (offs_d < HEAD_DIM)[:, None]
+    b_kt = tl.load(p_k + offs_n[None, :] * s_ks + offs_d[:, None], mask=m_ld, other=0.0)  # [BLOCK_D, BN]
+    s = tl.dot(b_q, b_kt, input_precision=PRECISION, out_dtype=tl.float32) * qk_scale  # [BM, BN], log2 units
+    if MASKED:
+        allowed = _elem_mask(offs_m, offs_n, Skv, slot, p_bits, True, BQ, BK, IS_CAUSAL, HAS_BITS)
+        s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # a row with every key masked so far keeps m = -inf; exponentiate against 0 instead (p = 0, no NaN)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    b_v = tl.load(p_v + offs_n[:, None] * s_vs + offs_d[None, :], mask=tl.trans(m_ld), other=0.0)  # [BN, BLOCK_D]
+    acc = acc * alpha[:, None] + tl.dot(p.to(b_v.dtype), b_v, input_precision=PRECISION, out_dtype=tl.float32)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attn_fwd_kernel(p_q, p_k, p_v, p_o, p_lse, p_kvn, p_kvi, p_fkvn, p_fkvi, p_bits, p_slot,
+                     Sq, Skv, Hq, G, qk_scale,
+                     s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ob, s_oh, s_os,
+                     s_nb, s_nh, s_nq, s_ib, s_ih, s_iq,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BITS: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """Forward over the kept kv blocks of one query tile.
+
+    p_q ``[B, Hq, Sq, D]``, p_k/p_v ``[B, Hkv, Skv, D]``, p_o ``[B, Hq, Sq, D]`` (unit stride along D);
+    p_lse fp32 ``[B, Hq, Sq]`` contiguous. Mask (int32, B/H strides may be 0): p_kvn/p_fkvn
+    ``[B, H, NQ]`` partial/full counts, p_kvi/p_fkvi ``[B, H, NQ, NKV]`` their sorted kv block indices,
+    p_slot ``[B, H, NQ, NKV]`` bitmask slots aligned with p_kvi, p_bits ``[P, BQ, ceil(BK/32)]``.
+    """
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // Hq
+    i_h = i_bh % Hq
+    i_hk = i_h // G
+    start_m = i_m * BM
+    i_qb = start_m // BQ
+    offs_m = start_m + tl.arange(0, BM)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    b_q = tl.load(p_q + i_b * s_qb + i_h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :],
+                  mask=(offs_m < Sq)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)  # [BM, BLOCK_D]
+    p_k += i_b * s_kb + i_hk * s_kh
+    p_v += i_b * s_vb + i_hk * s_vh
+    o_n = i_b * s_nb + i_h * s_nh + i_qb * s_nq
+    o_i = i_b * s_ib + i_h * s_ih + i_qb * s_iq
+
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BLOCK_D], tl.float32)
+    last_m = start_m + BM - 1
+
+    n_part = tl.load(p_kvn + o_n)
+    for t in range(0, n_part):
+        i_kb = tl.load(p_kvi + o_i + t)
+        slot = -1
+        if HAS_BITS:
+            slot = tl.load(p_slot + o_i + t)
+        for sub in tl.static_range(BK // BN):
+            start_n = i_kb * BK + sub * BN
+            if _visible(start_n, last_m, IS_CAUSAL):
+                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, b_q, p_k, p_v, s_ks, s_vs, offs_m, start_n, Skv, slot,
+                                          p_bits, qk_scale, True, HEAD_DIM, BLOCK_D, BQ, BK, BN, IS_CAUSAL,
+                                          HAS_BITS, PRECISION)
+
+    n_full = tl.load(p_fkvn + o_n)
+    for t in range(0, n_full):
+        i_kb = tl.load(p_fkvi + o_i + t)
+        for sub in tl.static_range(BK // BN):
+            start_n = i_kb * BK + sub * BN
+            edge = start_n + BN > Skv
+            if IS_CAUSAL:
+                edge = edge | (start_n + BN - 1 > start_m)
+            if _visible(start_n, last_m, IS_CAUSAL):
+                if edge:
+                    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, b_q, p_k, p_v, s_ks, s_vs, offs_m, start_n, Skv, -1,
+                                              p_bits, qk_scale, True, HEAD_DIM, BLOCK_D, BQ, BK, BN, IS_CAUSAL,
+                                              False, PRECISION)
+                else:
+                    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, b_q, p_k, p_v, s_ks, s_vs, offs_m, start_n, Skv, -1,
+                                              p_bits, qk_scale, False, HEAD_DIM, BLOCK_D, BQ, BK, BN, IS_CAUSAL,
+                                              False, PRECISION)
+
+    has_key = l_i > 0.0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    m_row = offs_m < Sq
+    tl.store(p_o + i_b * s_ob + i_h * s_oh + offs_m[:, None] * s_os + offs_d[None, :],
+             out.to(p_o.dtype.element_ty), mask=m_row[:, None] & (offs_d < HEAD_DIM)[None, :])
+    tl.store(p_lse + i_bh * Sq + offs_m, lse, mask=m_row)
+
+
+@triton.jit
+def _dq_tile(dq, b_q, b_do, lse2, delta, p_k, p_v, s_ks, s_vs, offs_m, start_n, Skv, slot, p_bits, qk_scale,
+             MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BQ: tl.constexpr,
+             BK: tl.constexpr, BN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BITS: tl.constexpr,
+             PRECISION: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BN)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ld = (offs_n < Skv)[None, :] & (offs_d < HEAD_DIM)[:, None]
+    b_kt = tl.load(p_k + offs_n[None, :] * s_ks + offs_d[:, None], mask=m_ld, other=0.0)  # [BLOCK_D, BN]
+    b_vt = tl.load(p_v + offs_n[None, :] * s_vs + offs_d[:, None], mask=m_ld, other=0.0)  # [BLOCK_D, BN]
+    s = tl.dot(b_q, b_kt, input_precision=PRECISION, out_dtype=tl.float32) * qk_scale  # [BM, BN]
+    p = tl.exp2(s - lse2[:, None])
+    if MASKED:
+        allowed = _elem_mask(offs_m, offs_n, Skv, slot, p_bits, True, BQ, BK, IS_CAUSAL, HAS_BITS)
+        p = tl.where(allowed, p, 0.0)
+    dp = tl.dot(b_do, b_vt, input_precision=PRECISION, out_dtype=tl.float32)  # [BM, BN]
+    ds = p * (dp - delta[:, None])
+    dq = tl.dot(ds.to(b_kt.dtype), tl.trans(b_kt), dq, input_precision=PRECISION, out_dtype=tl.float32)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(p_q, p_k, p_v, p_do, p_lse, p_delta, p_dq, p_kvn, p_kvi, p_fkvn, p_fkvi, p_bits, p_slot,
+                        Sq, Skv, Hq, G, qk_scale, sm_scale,
+                        s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_dob, s_doh, s_dos,
+                        s_nb, s_nh, s_nq, s_ib, s_ih, s_iq,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BITS: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """dQ of one query tile over the forward's kv lists.
+
+    p_q/p_do ``[B, Hq, Sq, D]``, p_k/p_v ``[B, Hkv, Skv, D]`` (unit stride along D); p_lse/p_delta fp32
+    ``[B, Hq, Sq]`` contiguous (``delta = rowsum(o * do)``); p_dq ``[B, Hq, Sq, D]`` contiguous, written
+    in q's dtype. Mask pointers as in ``_attn_fwd_kernel``.
+    """
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // Hq
+    i_h = i_bh % Hq
+    i_hk = i_h // G
+    start_m = i_m * BM
+    i_qb = start_m // BQ
+    offs_m = start_m + tl.arange(0, BM)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_row = offs_m < Sq
+    m_qd = m_row[:, None] & (offs_d < HEAD_DIM)[None, :]
+
+    b_q = tl.load(p_q + i_b * s_qb + i_h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :], mask=m_qd, other=0.0)
+    b_do = tl.load(p_do + i_b * s_dob + i_h * s_doh + offs_m[:, None] * s_dos + offs_d[None, :], mask=m_qd,
+                   other=0.0)
+    lse = tl.load(p_lse + i_bh * Sq + offs_m, mask=m_row, other=float("-inf"))
+    # rows without any key (lse = -inf) get p = exp2(s - inf) = 0
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(p_delta + i_bh * Sq + offs_m, mask=m_row, other=0.0)
+    p_k += i_b * s_kb + i_hk * s_kh
+    p_v += i_b * s_vb + i_hk * s_vh
+    o_n = i_b * s_nb + i_h * s_nh + i_qb * s_nq
+    o_i = i_b * s_ib + i_h * s_ih + i_qb * s_iq
+    last_m = start_m + BM - 1
+    dq = tl.zeros([BM, BLOCK_D], tl.float32)
+
+    n_part = tl.load(p_kvn + o_n)
+    for t in range(0, n_part):
+        i_kb = tl.load(p_kvi + o_i + t)
+        slot = -1
+        if HAS_BITS:
+            slot = tl.load(p_slot + o_i + t)
+        for sub in tl.static_range(BK // BN):
+            start_n = i_kb * BK + sub * BN
+            if _visible(start_n, last_m, IS_CAUSAL):
+                dq = _dq_tile(dq, b_q, b_do, lse2, delta, p_k, p_v, s_ks, s_vs, offs_m, start_n, Skv, slot, p_bits,
+                              qk_scale, True, HEAD_DIM, BLOCK_D, BQ, BK, BN, IS_CAUSAL, HAS_BITS, PRECISION)
+
+    n_full = tl.load(p_fkvn + o_n)
+    for t in range(0, n_full):
+        i_kb = tl.load(p_fkvi + o_i + t)
+        for sub in tl.static_range(BK // BN):
+            start_n = i_kb * BK + sub * BN
+            edge = start_n + BN > Skv
+            if IS_CAUSAL:
+                edge = edge | (start_n + BN - 1 > start_m)
+            if _visible(start_n, last_m, IS_CAUSAL):
+                if edge:
+                    dq = _dq_tile(dq, b_q, b_do, lse2, delta, p_k, p_v, s_ks, s_vs, offs_m, start_n, Skv, -1,
+                                  p_bits, qk_scale, True, HEAD_DIM, BLOCK_D, BQ, BK, BN, IS_CAUSAL, False, PRECISION)
+                else:
+                    dq = _dq_tile(dq, b_q, b_do, lse2, delta, p_k, p_v, s_ks, s_vs, offs_m, start_n, Skv, -1,
+                                  p_bits, qk_scale, False, HEAD_DIM, BLOCK_D, BQ, BK, BN, IS_CAUSAL, False,
+                                  PRECISION)
+
+    tl.store(p_dq + i_bh * Sq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+             (dq * sm_scale).to(p_dq.dtype.element_ty), mask=m_qd)
+
+
+@triton.jit
+def _dkv_tile(dk, dv, b_k, b_v, p_q, p_do, p_lse, p_delta, s_qs, s_dos, start_m, offs_n, Sq, Skv, slot, p_bits,
+              qk_scale, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BQ: tl.constexpr,
+              BK: tl.constexpr, BM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BITS: tl.constexpr,
+              PRECISION: tl.constexpr):
+    offs_m = start_m + tl.arange(0, BM)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_row = offs_m < Sq
+    m_qd = m_row[:, None] & (offs_d < HEAD_DIM)[None, :]
+    b_q = tl.load(p_q + offs_m[:, None] * s_qs + offs_d[None, :], mask=m_qd, other=0.0)  # [BM, BLOCK_D]
+    b_do = tl.load(p_do + offs_m[:, None] * s_dos + offs_d[None, :], mask=m_qd, other=0.0)  # [BM, BLOCK_D]
+    lse = tl.load(p_lse + offs_m, mask=m_row, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(p_delta + offs_m, mask=m_row, other=0.0)
+    st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION, out_dtype=tl.float32) * qk_scale  # [BN, BM]
+    pt = tl.exp2(st - lse2[None, :])
+    if MASKED:
+        allowed = _elem_mask(offs_m, offs_n, Skv, slot, p_bits, False, BQ, BK, IS_CAUSAL, HAS_BITS)
+        pt = tl.where(allowed, pt, 0.0)
+    dv = tl.dot(pt.to(b_do.dtype), b_do, dv, input_precision=PRECISION, out_dtype=tl.float32)
+    dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION, out_dtype=tl.float32)  # [BN, BM]
+    dst = pt * (dpt - delta[None, :])
+    dk = tl.dot(dst.to(b_q.dtype), b_q, dk, input_precision=PRECISION, out_dtype=tl.float32)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkv_kernel(p_q, p_k, p_v, p_do, p_lse, p_delta, p_dk, p_dv, p_qn, p_qi, p_fqn, p_fqi, p_bits, p_slot,
+                         Sq, Skv, Hkv, G, qk_scale, sm_scale,
+                         s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_dob, s_doh, s_dos,
+                         s_nb, s_nh, s_nk, s_ib, s_ih, s_ik,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BITS: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """dK, dV of one kv tile over the transposed lists of the G query heads sharing its kv head.
+
+    p_q/p_do ``[B, Hq, Sq, D]``, p_k/p_v ``[B, Hkv, Skv, D]`` (unit stride along D); p_lse/p_delta fp32
+    ``[B, Hq, Sq]`` contiguous; p_dk/p_dv ``[B, Hkv, Skv, D]`` contiguous, written in k's dtype. Mask
+    (int32, B/H strides may be 0): p_qn/p_fqn ``[B, H, NKV]`` partial/full counts, p_qi/p_fqi
+    ``[B, H, NKV, NQ]`` sorted query block indices, p_slot ``[B, H, NKV, NQ]`` bitmask slots aligned
+    with p_qi, p_bits ``[P, BQ, ceil(BK/32)]``.
+    """
+    i_n = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // Hkv
+    i_hk = i_bh % Hkv
+    start_n = i_n * BN
+    i_kb = start_n // BK
+    offs_n = start_n + tl.arange(0, BN)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_kd = (offs_n < Skv)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    b_k = tl.load(p_k + i_b * s_kb + i_hk * s_kh + offs_n[:, None] * s_ks + offs_d[None, :], mask=m_kd, other=0.0)
+    b_v = tl.load(p_v + i_b * s_vb + i_hk * s_vh + offs_n[:, None] * s_vs + offs_d[None, :], mask=m_kd, other=0.0)
+    dk = tl.zeros([BN, BLOCK_D], tl.float32)
+    dv = tl.zeros([BN, BLOCK_D], tl.float32)
+    last_n = start_n + BN - 1
+    Hq = Hkv * G
+
+    for g in range(0, G):
+        i_h = i_hk * G + g
+        q_base = p_q + i_b * s_qb + i_h * s_qh
+        do_base = p_do + i_b * s_dob + i_h * s_doh
+        r_base = (i_b * Hq + i_h) * Sq
+        o_n = i_b * s_nb + i_h * s_nh + i_kb * s_nk
+        o_i = i_b * s_ib + i_h * s_ih + i_kb * s_ik
+
+        n_part = tl.load(p_qn + o_n)
+        for t in range(0, n_part):
+            i_qb = tl.load(p_qi + o_i + t)
+            slot = -1
+            if HAS_BITS:
+                slot = tl.load(p_slot + o_i + t)
+            for sub in tl.static_range(BQ // BM):
+                start_m = i_qb * BQ + sub * BM
+                if _visible(start_n, start_m + BM - 1, IS_CAUSAL):
+                    dk, dv = _dkv_tile(dk, dv, b_k, b_v, q_base, do_base, p_lse + r_base, p_delta + r_base, s_qs,
+                                       s_dos, start_m, offs_n, Sq, Skv, slot, p_bits, qk_scale, True, HEAD_DIM,
+                                       BLOCK_D, BQ, BK, BM, IS_CAUSAL, HAS_BITS, PRECISION)
+
+        n_full = tl.load(p_fqn + o_n)
+        for t in range(0, n_full):
+            i_qb = tl.load(p_fqi + o_i + t)
+            for sub in tl.static_range(BQ // BM):
+                start_m = i_qb * BQ + sub * BM
+                # Keys past Skv only feed dK/dV rows that are never stored, so a full block needs the
+                # element mask here for the causal diagonal alone.
+                edge = _after(last_n, start_m, IS_CAUSAL)
+                if _visible(start_n, start_m + BM - 1, IS_CAUSAL):
+                    if edge:
+                        dk, dv = _dkv_tile(dk, dv, b_k, b_v, q_base, do_base, p_lse + r_base, p_delta + r_base,
+                                           s_qs, s_dos, start_m, offs_n, Sq, Skv, -1, p_bits, qk_scale, True,
+                                           HEAD_DIM, BLOCK_D, BQ, BK, BM, IS_CAUSAL, False, PRECISION)
+                    else:
+                        dk, dv = _dkv_tile(dk, dv, b_k, b_v, q_base, do_base, p_lse + r_base, p_delta + r_base,
+                                           s_qs, s_dos, start_m, offs_n, Sq, Skv, -1, p_bits, qk_scale, False,
+                                           HEAD_DIM, BLOCK_D, BQ, BK, BM, IS_CAUSAL, False, PRECISION)
+
+    o_out = i_bh * Skv * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(p_dk + o_out, (dk * sm_scale).to(p_dk.dtype.element_ty), mask=m_kd)
+    tl.store(p_dv + o_out, dv.to(p_dv.dtype.element_ty), mask=m_kd)
+
+
+# --------------------------------------------------------------------------------------------------
+# configs
+
+
+@dataclass(frozen=True)
+class AttnConfig:
+    """Tiles and launch options of one attention kernel. ``BM`` query rows x ``BN`` keys per tile; a
+    tile larger than the mask's block is clamped to it (tiles divide blocks: both are powers of two)."""
+
+    BM: int
+    BN: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def clamp(self, BQ: int, BK: int) -> AttnConfig:
+        return AttnConfig(min(self.BM, BQ), min(self.BN, BK), self.num_warps, self.num_stages)
+
+
+@dataclass(frozen=True)
+class AttnBwdConfig:
+    """The two backward kernels' configs: ``dq`` (query tiles) and ``dkv`` (kv tiles)."""
+
+    dq: AttnConfig
+    dkv: AttnConfig
+
+
+INTERPRET_CONFIG = AttnConfig(BM=64, BN=64)
+INTERPRET_BWD_CONFIG = AttnBwdConfig(dq=INTERPRET_CONFIG, dkv=INTERPRET_CONFIG)
+
+
+def fwd_config(head_dim: int, dtype: torch.dtype, has_bits: bool = False, precision: str = "tf32") -> AttnConfig:
+    """The forward's default tiles: 128 query rows share every K/V tile loaded, 64 keys per step keep
+    the score tile and the fp32 accumulator in registers; fp32 operands (TF32), D = 256 and masks with
+    element bitmasks (one more score-sized tile live) take narrower key tiles so nothing spills."""
+    if INTERPRET:
+        return INTERPRET_CONFIG
+    wide = dtype == torch.float32
+    if head_dim <= 64:
+        return AttnConfig(128, 32 if wide else 64, 8, 3)
+    if head_dim <= 128:
+        if wide:
+            return AttnConfig(32, 32, 4, 2)
+        return AttnConfig(128, 32 if has_bits else 64, 8, 3)
+    return AttnConfig(64, 32, 8, 1 if wide else 2)
+
+
+def bwd_config(head_dim: int, dtype: torch.dtype, precision: str = "tf32") -> AttnBwdConfig:
+    """The backward's default tiles: 64 x 64 (32 x 32 for D = 256 or fp32 at D > 64), so the fp32 dK and dV
+    (or dQ) accumulators plus the recomputed score tile fit in registers."""
+    if INTERPRET:
+        return INTERPRET_BWD_CONFIG
+    if dtype == torch.float32:
+        c = AttnConfig(16, 32, 4, 1 if head_dim > 128 else 2)
+    elif head_dim > 128:
+        c = AttnConfig(32, 32, 4, 2)
+    else:
+        c = AttnConfig(64, 64, 4, 2)
+    return AttnBwdConfig(dq=c, dkv=c)
+
+
+# --------------------------------------------------------------------------------------------------
+# launchers
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 inputs: ``tf32`` when PyTorch allows TF32 for matmuls, else ``tf32x3`` (three TF32 products
+    per product: about fp32 accuracy, still on tensor cores; a CUDA-core fp32 dot of attention-sized tiles
+    does not fit in registers)."""
+    if dtype == torch.float32 and not tf32_enabled():
+        return "tf32x3"
+    return "tf32"
+
+
+def _block_dim(head_dim: int) -> int:
+    return triton.next_power_of_2(head_dim)
+
+
+def unsupported(q: torch.Tensor, block_mask) -> str | None:
+    """Why the prefill kernels cannot run this case (None when they can)."""
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype} (kernels take float16, bfloat16, float32)"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"head dim {q.shape[-1]} (kernels take {HEAD_DIMS})"
+    BQ, BK = block_mask.block_size
+    if BQ not in BLOCK_SIZES or BK not in BLOCK_SIZES:
+        return f"block_size {(BQ, BK)} (kernels take BQ, BK in {BLOCK_SIZES})"
+    return None
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _lists(counts: torch.Tensor, indices: torch.Tensor, full_counts: torch.Tensor, full_indices: torch.Tensor,
+           slots: torch.Tensor | None, B: int, H: int) -> tuple[list[torch.Tensor], tuple[int, ...], tuple[int, ...]]:
+    """Broadcast a mask's (counts, indices, full counts, full indices, slots) to batch B and H heads and
+    return them with one stride triple for the counts and one for the index-shaped tensors (a tensor
+    whose broadcast differs from its siblings' is materialised so that they share strides)."""
+    c = [counts.expand(B, H, *counts.shape[2:]), full_counts.expand(B, H, *full_counts.shape[2:])]
+    ix = [indices.expand(B, H, *indices.shape[2:]), full_indices.expand(B, H, *full_indices.shape[2:])]
+    if slots is not None:
+        ix.append(slots.expand(B, H, *slots.shape[2:]))
+    if any(t.stride() != c[0].stride() for t in c):
+        c = [t.contiguous() for t in c]
+    if any(t.stride() != ix[0].stride() for t in ix) or ix[0].stride(-1) != 1:
+        ix = [t.contiguous() for t in ix]
+    return c + ix, tuple(c[0].stride()), tuple(ix[0].stride()[:3])
+
+
+def _check(q: torch.Tensor, block_mask, where: str) -> None:
+    why = unsupported(q, block_mask)
+    if why is not None:
+        raise ValueError(f"{where}: the kernels do not support {why}")
+    if INTERPRET and q.dtype == torch.bfloat16:
+        raise TypeError(f"{where}: Triton's interpreter computes bfloat16 wrongly; use the reference on CPU")
+
+
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, scale: float, causal: bool,
+                  config: AttnConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(o, lse)`` of block-sparse attention: o ``[B, Hq, Sq, D]`` in q's dtype, lse fp32 ``[B, Hq, Sq]``
+    (natural log; ``-inf`` and ``o = 0`` for a query with no allowed key).
+
+    q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]`` with ``Hq % Hkv == 0``; ``block_mask`` a BlockMask for
+    (Sq, Skv) whose B and H are 1 or the inputs'. The element rule ``k <= q`` is applied when ``causal``
+    or ``block_mask.causal``.
+    """
+    _check(q, block_mask, "attention_fwd")
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    o = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+    if o.numel() == 0:
+        lse.fill_(float("-inf"))
+        return o, lse
+    BQ, BK = block_mask.block_size
+    has_bits = block_mask.partial_bits is not None
+    cfg = (config or fwd_config(D, q.dtype, has_bits, _precision(q.dtype))).clamp(BQ, BK)
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    tensors, sn, si = _lists(block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
+                             block_mask.full_kv_indices, block_mask.kv_bits_slot if has_bits else None, B, Hq)
+    kvn, fkvn, kvi, fkvi = tensors[:4]
+    slot = tensors[4] if has_bits else kvi
+    bits = block_mask.partial_bits if has_bits else kvi
+    grid = (triton.cdiv(Sq, cfg.BM), B * Hq)
+    with on_device(q):
+        _attn_fwd_kernel[grid](
+            q, k, v, o, lse, kvn, kvi, fkvn, fkvi, bits, slot, Sq, Skv, Hq, Hq // Hkv, float(scale) * LOG2E,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), *sn, *si,
+            HEAD_DIM=D, BLOCK_D=_block_dim(D), BQ=BQ, BK=BK, BM=cfg.BM, BN=cfg.BN,
+            IS_CAUSAL=bool(causal or block_mask.causal), HAS_BITS=has_bits, PRECISION=_precision(q.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return o, lse
+
+
+def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                  lse: torch.Tensor, block_mask, scale: float, causal: bool,
+                  config: AttnBwdConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of :func:`attention_fwd` given the output gradient ``do`` (like o), and the
+    forward's ``o`` and ``lse``. dk/dv sum over the query heads sharing a kv head."""
+    _check(q, block_mask, "attention_bwd")
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    dq = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, Hkv, Skv, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, Hkv, Skv, D), dtype=v.dtype, device=v.device)
+    if dq.numel() == 0 or dk.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    BQ, BK = block_mask.block_size
+    cfg = config or bwd_config(D, q.dtype, _precision(q.dtype))
+    cq, ckv = cfg.dq.clamp(BQ, BK), cfg.dkv.clamp(BQ, BK)
+    q, k, v, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(do)
+    lse = lse.contiguous()
+    delta = (o.float() * do.float()).sum(-1).contiguous()  # [B, Hq, Sq]: rowsum(o * do)
+    has_bits = block_mask.partial_bits is not None
+    causal = bool(causal or block_mask.causal)
+    precision = _precision(q.dtype)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+    flags = dict(HEAD_DIM=D, BLOCK_D=_block_dim(D), BQ=BQ, BK=BK, IS_CAUSAL=causal, HAS_BITS=has_bits,
+                 PRECISION=precision)
+    qk_scale = float(scale) * LOG2E
+    with on_device(q):
+        tensors, sn, si = _lists(block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
+                                 block_mask.full_kv_indices, block_mask.kv_bits_slot if has_bits else None, B, Hq)
+        kvn, fkvn, kvi, fkvi = tensors[:4]
+        bits = block_mask.partial_bits if has_bits else kvi
+        _attn_bwd_dq_kernel[(triton.cdiv(Sq, cq.BM), B * Hq)](
+            q, k, v, do, lse, delta, dq, kvn, kvi, fkvn, fkvi, bits, tensors[4] if has_bits else kvi,
+            Sq, Skv, Hq, Hq // Hkv, qk_scale, float(scale), *strides, *sn, *si,
+            BM=cq.BM, BN=cq.BN, num_warps=cq.num_warps, num_stages=cq.num_stages, **flags)
+        tensors, sn, si = _lists(block_mask.q_num_blocks, block_mask.q_indices, block_mask.full_q_num_blocks,
+                                 block_mask.full_q_indices, block_mask.q_bits_slot if has_bits else None, B, Hq)
+        qn, fqn, qi, fqi = tensors[:4]
+        _attn_bwd_dkv_kernel[(triton.cdiv(Skv, ckv.BN), B * Hkv)](
+            q, k, v, do, lse, delta, dk, dv, qn, qi, fqn, fqi, bits, tensors[4] if has_bits else qi,
+            Sq, Skv, Hkv, Hq // Hkv, qk_scale, float(scale), *strides, *sn, *si,
+            BM=ckv.BM, BN=ckv.BN, num_warps=ckv.num_warps, num_stages=ckv.num_stages, **flags)
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------------
+# ahead-of-time compile check (tests/compile_sm90.py)
+
+_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+_INT_ARGS = {
+    "fwd": ("Sq", "Skv", "Hq", "G", "s_qb", "s_qh", "s_qs", "s_kb", "s_kh", "s_ks", "s_vb", "s_vh", "s_vs",
+            "s_ob", "s_oh", "s_os", "s_nb", "s_nh", "s_nq", "s_ib", "s_ih", "s_iq"),
+    "dq": ("Sq", "Skv", "Hq", "G", "s_qb", "s_qh", "s_qs", "s_kb", "s_kh", "s_ks", "s_vb", "s_vh", "s_vs",
+           "s_dob", "s_doh", "s_dos", "s_nb", "s_nh", "s_nq", "s_ib", "s_ih", "s_iq"),
+    "dkv": ("Sq", "Skv", "Hkv", "G", "s_qb", "s_qh", "s_qs", "s_kb", "s_kh", "s_ks", "s_vb", "s_vh", "s_vs",
+            "s_dob", "s_doh", "s_dos", "s_nb", "s_nh", "s_nk", "s_ib", "s_ih", "s_ik"),
+}
+_KERNELS = {"fwd": _attn_fwd_kernel, "dq": _attn_bwd_dq_kernel, "dkv": _attn_bwd_dkv_kernel}
+
+
+def _signature(kname: str, dtype: torch.dtype) -> dict[str, str]:
+    ptr = _PTR[dtype]
+    if kname == "fwd":
+        sig = {"p_q": ptr, "p_k": ptr, "p_v": ptr, "p_o": ptr, "p_lse": "*fp32"}
+    elif kname == "dq":
+        sig = {"p_q": ptr, "p_k": ptr, "p_v": ptr, "p_do": ptr, "p_lse": "*fp32", "p_delta": "*fp32", "p_dq": ptr}
+    else:
+        sig = {"p_q": ptr, "p_k": ptr, "p_v": ptr, "p_do": ptr, "p_lse": "*fp32", "p_delta": "*fp32",
+               "p_dk": ptr, "p_dv": ptr}
+    mask = ("p_kvn", "p_kvi", "p_fkvn", "p_fkvi") if kname != "dkv" else ("p_qn", "p_qi", "p_fqn", "p_fqi")
+    sig.update(dict.fromkeys((*mask, "p_bits", "p_slot"), "*i32"))
+    sig.update(dict.fromkeys(_INT_ARGS[kname], "i32"))
+    sig["qk_scale"] = "fp32"
+    if kname != "fwd":
+        sig["sm_scale"] = "fp32"
+    return sig
+
+
+def _variant(kname: str, dtype: torch.dtype, D: int, causal: bool, bits: bool, block: tuple[int, int],
+             cfg: AttnConfig, precision: str, both: bool):
+    BQ, BK = block
+    cfg = cfg.clamp(BQ, BK)
+    const = {"HEAD_DIM": D, "BLOCK_D": _block_dim(D), "BQ": BQ, "BK": BK, "BM": cfg.BM, "BN": cfg.BN,
+             "IS_CAUSAL": causal, "HAS_BITS": bits, "PRECISION": precision}
+    label = (f"attention.{kname} {str(dtype)[6:]} D{D} {BQ}x{BK} BM{cfg.BM} BN{cfg.BN} w{cfg.num_warps} "
+             f"s{cfg.num_stages}{' causal' if causal else ''}{' bits' if bits else ''} {precision}")
+    unit = ("s_qs", "s_ks", "s_vs", "s_os", "s_dos")
+    sig = _signature(kname, dtype)
+    variants = specializations(label, _KERNELS[kname], sig, const,
+                               {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+                               tuple(u for u in unit if u in sig))
+    return variants if both else list(variants)[1:]
+
+
+def compile_variants():
+    """Every kernel at its default config for: fp16 at D 64/128 with every (causal, bitmask) pair (ragged
+    and aligned launches); each other head dim, bf16 and fp32 (as TF32 and as 3xTF32) with causal + bitmask
+    (the superset of the code); mask blocks 64, 32 and 16 (tiles clamped); and the interpreter's config."""
+    for kname in ("fwd", "dq", "dkv"):
+        def cfg_of(D, dtype, bits, precision="tf32", kname=kname):
+            if kname == "fwd":
+                return fwd_config(D, dtype, bits, precision)
+            return getattr(bwd_config(D, dtype, precision), kname)
+
+        for D in (64, 128):
+            for causal in (False, True):
+                for bits in (False, True):
+                    yield from _variant(kname, torch.float16, D, causal, bits, (128, 128),
+                                        cfg_of(D, torch.float16, bits), "tf32", True)
+        for D in (32, 96, 256):
+            yield from _variant(kname, torch.float16, D, True, True, (128, 128), cfg_of(D, torch.float16, True),
+                                "tf32", False)
+        for D in (64, 128):
+            yield from _variant(kname, torch.bfloat16, D, True, True, (128, 128), cfg_of(D, torch.bfloat16, True),
+                                "tf32", False)
+            for precision in ("tf32", "tf32x3"):
+                yield from _variant(kname, torch.float32, D, True, True, (128, 128),
+                                    cfg_of(D, torch.float32, True, precision), precision, False)
+        for block in ((64, 64), (32, 32), (16, 16)):
+            yield from _variant(kname, torch.float16, 128, True, True, block, cfg_of(128, torch.float16, True), "tf32",
+                                False)
+        yield from _variant(kname, torch.float16, 64, True, True, (64, 64), INTERPRET_CONFIG, "tf32", False)
