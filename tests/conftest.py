@@ -27,6 +27,10 @@ settings.register_profile("default", max_examples=12, deadline=None, derandomize
 settings.load_profile("default")
 
 DEVICE = "cuda" if GPU_TIER and torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    # pytest -n 2 on 2 cores: intra-op threads on top of the workers oversubscribe the machine and make
+    # small CPU ops (the interpreter issues thousands) several times slower.
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -16,10 +16,13 @@ import sparse_triton as st
 REPO = Path(__file__).resolve().parents[1]
 
 EXPECTED_ALL = {
+    "BlockMask",
+    "BlockSparseAttentionFunction",
     "NMLinearFunction",
     "NMSparsity",
     "NMTensor",
     "__version__",
+    "block_sparse_attention",
     "nm_compress",
     "nm_linear",
     "nm_mask",
@@ -33,6 +36,11 @@ EXPECTED_ALL = {
 CUSTOM_OPS = ["nm_linear_fwd", "nm_linear_bwd_dx", "nm_linear_bwd_dvalues", "nm_prune_compress"]
 
 DOCTEST_MODULES = [
+    "sparse_triton.formats.block_mask",
+    "sparse_triton.reference.attention",
+    "sparse_triton.ops.attention",
+    "sparse_triton.nn.attention",
+    "sparse_triton.reference.block_scores",
     "sparse_triton.formats.nm",
     "sparse_triton.ops.nm_linear",
     "sparse_triton.nn.linear",
@@ -60,12 +68,17 @@ def test_public_names_are_the_documented_objects():
     ops_nm_linear = importlib.import_module("sparse_triton.ops.nm_linear")
     assert st.nm_compress is nm.nm_compress and st.NMTensor is nm.NMTensor
     assert st.nm_linear is ops_nm_linear.nm_linear and st.NMLinearFunction is ops_nm_linear.NMLinearFunction
-    assert st.nn.SparseLinear is SparseLinear and st.nn.__all__ == ["SparseLinear"]
+    assert st.nn.SparseLinear is SparseLinear
+    assert st.nn.__all__ == ["BlockSparseAttention", "SparseLinear", "pooled_block_scores"]
+    ops_attention = importlib.import_module("sparse_triton.ops.attention")
+    assert st.block_sparse_attention is ops_attention.block_sparse_attention
+    assert st.BlockMask is importlib.import_module("sparse_triton.formats.block_mask").BlockMask
     assert callable(st.sparsify)
 
 
 def test_subpackage_all_resolves():
-    for modname in ("sparse_triton.nn", "sparse_triton.ops", "sparse_triton.formats.nm", "sparse_triton.tuning"):
+    for modname in ("sparse_triton.nn", "sparse_triton.ops", "sparse_triton.formats", "sparse_triton.formats.nm",
+                    "sparse_triton.formats.block_mask", "sparse_triton.reference", "sparse_triton.tuning"):
         mod = importlib.import_module(modname)
         for name in mod.__all__:
             assert hasattr(mod, name), f"{modname}.{name}"
@@ -125,5 +138,6 @@ def test_docstring_examples_run(modname):
 
 def test_public_functions_have_examples():
     for obj in (st.nm_mask, st.nm_prune, st.nm_compress, st.nm_linear, st.sparsify, st.NMSparsity, st.NMTensor,
-                st.nn.SparseLinear):
+                st.nn.SparseLinear, st.BlockMask, st.BlockMask.from_dense, st.block_sparse_attention,
+                st.nn.BlockSparseAttention):
         assert obj.__doc__ and ">>>" in obj.__doc__, obj.__name__

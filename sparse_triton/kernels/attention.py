@@ -41,7 +41,7 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 HEAD_DIMS = (32, 64, 96, 128, 256)
-BLOCK_SIZES = (16, 32, 64, 128)
+BLOCK_SIZES = (64, 128)  # mask blocks (BQ, BK) of prefill and training; decode also takes smaller BK
 
 # --------------------------------------------------------------------------------------------------
 # kernels
@@ -415,18 +415,24 @@ class AttnBwdConfig:
 
 
 INTERPRET_CONFIG = AttnConfig(BM=64, BN=64)
+_D256_DQ = AttnConfig(64, 16, 4, 1)
+_D256_DKV = AttnConfig(16, 32, 4, 1)
+_D128_DKV_64 = AttnConfig(16, 64, 8, 2)
 INTERPRET_BWD_CONFIG = AttnBwdConfig(dq=INTERPRET_CONFIG, dkv=INTERPRET_CONFIG)
 
 
 def fwd_config(head_dim: int, dtype: torch.dtype, has_bits: bool = False, precision: str = "tf32") -> AttnConfig:
     """The forward's default tiles: 128 query rows share every K/V tile loaded, 64 keys per step keep
-    the score tile and the fp32 accumulator in registers; fp32 operands (TF32), D = 256 and masks with
-    element bitmasks (one more score-sized tile live) take narrower key tiles so nothing spills."""
+    the score tile and the fp32 accumulator in registers; fp32 operands, D = 256 and masks with element
+    bitmasks (one more score-sized tile live) take narrower tiles so nothing spills on sm_90 (3xTF32,
+    fp32 without TF32, triples the operand registers)."""
     if INTERPRET:
         return INTERPRET_CONFIG
     wide = dtype == torch.float32
     if head_dim <= 64:
         return AttnConfig(128, 32 if wide else 64, 8, 3)
+    if precision == "tf32x3":
+        return AttnConfig(16, 32 if head_dim <= 128 else 16, 4, 1)
     if head_dim <= 128:
         if wide:
             return AttnConfig(32, 32, 4, 2)
@@ -434,18 +440,30 @@ def fwd_config(head_dim: int, dtype: torch.dtype, has_bits: bool = False, precis
     return AttnConfig(64, 32, 8, 1 if wide else 2)
 
 
-def bwd_config(head_dim: int, dtype: torch.dtype, precision: str = "tf32") -> AttnBwdConfig:
-    """The backward's default tiles: 64 x 64 (32 x 32 for D = 256 or fp32 at D > 64), so the fp32 dK and dV
-    (or dQ) accumulators plus the recomputed score tile fit in registers."""
+def bwd_config(head_dim: int, dtype: torch.dtype, precision: str = "tf32",
+               block_size: tuple[int, int] = (128, 128)) -> AttnBwdConfig:
+    """The backward's default tiles. On sm_90 a tile's row count is the M side of its warp-group MMAs,
+    so dQ takes many query rows and few keys (``BM x BN = 128 x 32``, 8 warps) and dK/dV the mirror
+    (``32 x 128``); the fp32 accumulators, the recomputed score tile and its element mask then fit in
+    registers. Mask blocks of 64 bound those sides to 64 (4 warps); D = 256 and fp32 take smaller tiles."""
     if INTERPRET:
         return INTERPRET_BWD_CONFIG
+    BQ, BK = block_size
     if dtype == torch.float32:
+        if precision == "tf32x3" and head_dim > 64:
+            if head_dim > 128:
+                return AttnBwdConfig(dq=AttnConfig(16, 16, 4, 1), dkv=AttnConfig(16, 16, 4, 1))
+            return AttnBwdConfig(dq=AttnConfig(16, 32, 8, 1), dkv=AttnConfig(16, 16, 4, 1))
         c = AttnConfig(16, 32, 4, 1 if head_dim > 128 else 2)
-    elif head_dim > 128:
-        c = AttnConfig(32, 32, 4, 2)
+        return AttnBwdConfig(dq=c, dkv=c)
+    if head_dim > 128:
+        return AttnBwdConfig(dq=_D256_DQ, dkv=_D256_DKV)
+    dq = AttnConfig(128, 32, 8, 2) if BQ >= 128 else AttnConfig(64, 32, 4, 2)
+    if BK >= 128:
+        dkv = AttnConfig(32, 128, 8, 2)
     else:
-        c = AttnConfig(64, 64, 4, 2)
-    return AttnBwdConfig(dq=c, dkv=c)
+        dkv = AttnConfig(32, 64, 4, 2) if head_dim <= 64 else _D128_DKV_64
+    return AttnBwdConfig(dq=dq, dkv=dkv)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -557,7 +575,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     if dq.numel() == 0 or dk.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     BQ, BK = block_mask.block_size
-    cfg = config or bwd_config(D, q.dtype, _precision(q.dtype))
+    cfg = config or bwd_config(D, q.dtype, _precision(q.dtype), (BQ, BK))
     cq, ckv = cfg.dq.clamp(BQ, BK), cfg.dkv.clamp(BQ, BK)
     q, k, v, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(do)
     lse = lse.contiguous()
@@ -641,12 +659,13 @@ def _variant(kname: str, dtype: torch.dtype, D: int, causal: bool, bits: bool, b
 def compile_variants():
     """Every kernel at its default config for: fp16 at D 64/128 with every (causal, bitmask) pair (ragged
     and aligned launches); each other head dim, bf16 and fp32 (as TF32 and as 3xTF32) with causal + bitmask
-    (the superset of the code); mask blocks 64, 32 and 16 (tiles clamped); and the interpreter's config."""
+    (the superset of the code); mask blocks 64 x 64, 128 x 64 and 64 x 128 (tiles clamped); and the
+    interpreter's config."""
     for kname in ("fwd", "dq", "dkv"):
-        def cfg_of(D, dtype, bits, precision="tf32", kname=kname):
+        def cfg_of(D, dtype, bits, precision="tf32", block=(128, 128), kname=kname):
             if kname == "fwd":
                 return fwd_config(D, dtype, bits, precision)
-            return getattr(bwd_config(D, dtype, precision), kname)
+            return getattr(bwd_config(D, dtype, precision, block), kname)
 
         for D in (64, 128):
             for causal in (False, True):
@@ -662,7 +681,9 @@ def compile_variants():
             for precision in ("tf32", "tf32x3"):
                 yield from _variant(kname, torch.float32, D, True, True, (128, 128),
                                     cfg_of(D, torch.float32, True, precision), precision, False)
-        for block in ((64, 64), (32, 32), (16, 16)):
-            yield from _variant(kname, torch.float16, 128, True, True, block, cfg_of(128, torch.float16, True), "tf32",
-                                False)
-        yield from _variant(kname, torch.float16, 64, True, True, (64, 64), INTERPRET_CONFIG, "tf32", False)
+        for block in ((64, 64), (128, 64), (64, 128)):
+            for D in (64, 128):
+                yield from _variant(kname, torch.float16, D, True, True, block,
+                                    cfg_of(D, torch.float16, True, "tf32", block), "tf32", False)
+        if kname == "fwd":  # the backward kernels' interpreter tiles are their block-64 configs' shape
+            yield from _variant(kname, torch.float16, 64, True, True, (64, 64), INTERPRET_CONFIG, "tf32", False)
