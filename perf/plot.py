@@ -13,6 +13,12 @@ plotting stay separate steps and a new suite needs no change here. For ``nm_line
 speedup over dense cuBLAS against tokens M (log2 axis), one line per N:M pattern and implementation,
 one panel per (shape, dtype), and a line at 1.0.
 
+Two optional spec keys: ``"curves"`` (``[{"label", "points": [[x, y], ...]}]``) are reference curves drawn
+in every panel (dotted black), and ``"also"`` is a list of further specs, each with a ``"name"``, drawn to
+``<suite>-<name>.png``. The ``attention`` suite uses both: speedup over its own dense mode against block
+sparsity with the ideal 1/(1-s) curve (``attention.png``), speedup over dense SDPA against block sparsity
+(``attention-vs-sdpa.png``), and decode speedup over dense SDPA against S (``attention-decode.png``).
+
 This file imports nothing from the repository, so it also runs as a plain script.
 """
 
@@ -101,14 +107,28 @@ def _wrap(text: str, width: int, sep: str = " | ") -> str:
     return "\n".join(lines)
 
 
-def plot_document(doc: Mapping[str, Any], out_png: Path) -> Path | None:
-    """Draw one result document to ``out_png``; None when it has no plot spec or nothing to draw."""
+def plot_specs(doc: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """``[(file suffix, spec)]``: the document's plot spec (suffix ``""``) and each of its ``"also"`` specs
+    (suffix ``"-<name>"``)."""
+    spec = doc.get("plot")
+    if not spec:
+        return []
+    out: list[tuple[str, Mapping[str, Any]]] = [("", spec)]
+    for i, extra in enumerate(spec.get("also") or []):
+        if extra:
+            out.append((f"-{extra.get('name') or i + 1}", extra))
+    return out
+
+
+def plot_document(doc: Mapping[str, Any], out_png: Path, spec: Mapping[str, Any] | None = None) -> Path | None:
+    """Draw one result document to ``out_png`` with ``spec`` (default: the document's own plot spec); None
+    when there is no spec or nothing to draw."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    spec = doc.get("plot")
+    spec = doc.get("plot") if spec is None else spec
     if not spec:
         return None
     panels = select_series(doc.get("rows") or [], spec)
@@ -134,6 +154,13 @@ def plot_document(doc: Mapping[str, Any], out_png: Path) -> Path | None:
                               linestyle=LINESTYLES[styles.index(s) % len(LINESTYLES)],
                               marker=MARKERS[styles.index(s) % len(MARKERS)], markersize=4, label=label)
             handles.setdefault(label, line)
+        for curve in spec.get("curves") or []:
+            pts = [(x, y) for x, y in (curve.get("points") or []) if _number(x) is not None and _number(y) is not None]
+            if pts:
+                cx, cy = zip(*pts)
+                (line,) = ax.plot(cx, cy, color="black", linestyle=":", linewidth=1.0, zorder=1,
+                                  label=str(curve.get("label") or "reference"))
+                handles.setdefault(line.get_label(), line)
         if spec.get("hline") is not None:
             ax.axhline(spec["hline"], color="black", linewidth=0.8, linestyle="--", zorder=0)
         xscale = spec.get("xscale", "linear")
@@ -171,6 +198,14 @@ def plot_file(path: Path, out_dir: Path | None = None) -> Path | None:
     return plot_document(doc, out_png)
 
 
+def plot_file_all(path: Path, out_dir: Path | None = None) -> list[Path]:
+    """Every plot of ``path``: ``<stem>.png`` and one ``<stem>-<name>.png`` per ``"also"`` spec."""
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    target = path.parent if out_dir is None else out_dir / path.parent.name
+    pngs = [plot_document(doc, target / f"{path.stem}{suffix}.png", spec) for suffix, spec in plot_specs(doc)]
+    return [p for p in pngs if p is not None]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="perf/plot.py", description="Plot perf result files (JSON -> PNG).")
     parser.add_argument("paths", nargs="*", type=Path, default=[RESULTS_DIR],
@@ -194,12 +229,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = 0
     for f in files:
         try:
-            png = plot_file(f, args.out)
+            pngs = plot_file_all(f, args.out)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             print(f"plot: {f}: {type(exc).__name__}: {exc}", file=sys.stderr)
             status = 1
             continue
-        print(f"plot: {f} -> {png}" if png else f"plot: {f}: nothing to plot (no plot spec or no rows)")
+        print(f"plot: {f} -> {', '.join(map(str, pngs))}" if pngs
+              else f"plot: {f}: nothing to plot (no plot spec or no rows)")
     return status
 
 
