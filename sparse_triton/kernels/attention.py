@@ -415,7 +415,7 @@ class AttnBwdConfig:
 
 
 INTERPRET_CONFIG = AttnConfig(BM=64, BN=64)
-_D256_DQ = AttnConfig(64, 16, 4, 1)
+_D256_DQ = AttnConfig(32, 16, 4, 1)
 _D256_DKV = AttnConfig(16, 32, 4, 1)
 _D128_DKV_64 = AttnConfig(16, 64, 8, 2)
 INTERPRET_BWD_CONFIG = AttnBwdConfig(dq=INTERPRET_CONFIG, dkv=INTERPRET_CONFIG)
@@ -431,7 +431,7 @@ def fwd_config(head_dim: int, dtype: torch.dtype, has_bits: bool = False, precis
     wide = dtype == torch.float32
     if head_dim <= 64:
         return AttnConfig(128, 32 if wide else 64, 8, 3)
-    if precision == "tf32x3":
+    if precision == "tf32x3" or (wide and head_dim > 128):
         return AttnConfig(16, 32 if head_dim <= 128 else 16, 4, 1)
     if head_dim <= 128:
         if wide:
@@ -454,7 +454,7 @@ def bwd_config(head_dim: int, dtype: torch.dtype, precision: str = "tf32",
             if head_dim > 128:
                 return AttnBwdConfig(dq=AttnConfig(16, 16, 4, 1), dkv=AttnConfig(16, 16, 4, 1))
             return AttnBwdConfig(dq=AttnConfig(16, 32, 8, 1), dkv=AttnConfig(16, 16, 4, 1))
-        c = AttnConfig(16, 32, 4, 1 if head_dim > 128 else 2)
+        c = AttnConfig(16, 16, 4, 1) if head_dim > 128 else AttnConfig(16, 32, 4, 2)
         return AttnBwdConfig(dq=c, dkv=c)
     if head_dim > 128:
         return AttnBwdConfig(dq=_D256_DQ, dkv=_D256_DKV)
@@ -678,6 +678,7 @@ def compile_variants():
         for D in (64, 128):
             yield from _variant(kname, torch.bfloat16, D, True, True, (128, 128), cfg_of(D, torch.bfloat16, True),
                                 "tf32", False)
+        for D in (64, 128, 256):
             for precision in ("tf32", "tf32x3"):
                 yield from _variant(kname, torch.float32, D, True, True, (128, 128),
                                     cfg_of(D, torch.float32, True, precision), precision, False)
