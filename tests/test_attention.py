@@ -296,6 +296,16 @@ def test_unsupported_configs_are_reported():
     assert "head dim 48" in K.unsupported(q, st.BlockMask.causal(4, 64))
     assert "block_size" in K.unsupported(torch.zeros(1, 1, 4, 64), st.BlockMask.causal(4, 256))
     assert K.unsupported(torch.zeros(1, 1, 4, 64), st.BlockMask.causal(4, 64)) is None
+    # fp32 at D = 256 needs TF32 (3xTF32 tiles of that width spill); fp16 does not
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert "without TF32" in K.unsupported(torch.zeros(1, 1, 4, 256), st.BlockMask.causal(4, 64))
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert K.unsupported(torch.zeros(1, 1, 4, 256), st.BlockMask.causal(4, 64)) is None
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert K.unsupported(torch.zeros(1, 1, 4, 256, dtype=torch.float16), st.BlockMask.causal(4, 64)) is None
 
 
 def test_decode_path_matches_prefill_path(device):

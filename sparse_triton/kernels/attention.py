@@ -16,9 +16,11 @@ query block) a list of *partial* kv blocks (element mask applied inside) and a l
 
 Masking. In a partial block the kernels apply the bounds (``k < Skv``), the causal rule ``k <= q``
 when causal, and the block's element bitmask (``partial_bits[slot]``, one bit per (query, key) pair)
-when its slot is ``>= 0``. A full block is unmasked, except that a scalar test per tile catches the two
-cases a hand-made mask may leave there: a tile that crosses the kv tail or the causal diagonal is
-masked, and a tile entirely above the diagonal is skipped. A query row with no allowed key ends with
+when its slot is ``>= 0``. A full block is unmasked, except that in the forward a scalar test per tile catches
+the two cases a hand-made mask may leave there (a tile that crosses the kv tail or the causal diagonal
+is masked); the backward kernels apply only the causal rule to full blocks, since keys past the tail
+load as zeros and add nothing to dQ, and feed only dK/dV rows that are never stored. Tiles entirely
+above the diagonal are skipped. A query row with no allowed key ends with
 ``l = 0``: it writes ``o = 0`` and ``lse = -inf`` (the running max is kept finite for the exponentials,
 so no NaN appears), and contributes nothing to any gradient.
 
@@ -79,15 +81,6 @@ def _visible(start_n, last_m, IS_CAUSAL: tl.constexpr):
         return start_n <= last_m
     else:
         return start_n >= 0
-
-
-@triton.jit
-def _after(last_n, start_m, IS_CAUSAL: tl.constexpr):
-    """Whether a tile's last key lies after its first query (the tile crosses the causal diagonal)."""
-    if IS_CAUSAL:
-        return last_n > start_m
-    else:
-        return last_n < 0
 
 
 @triton.jit
@@ -157,7 +150,7 @@ def _attn_fwd_kernel(p_q, p_k, p_v, p_o, p_lse, p_kvn, p_kvi, p_fkvn, p_fkvi, p_
         slot = -1
         if HAS_BITS:
             slot = tl.load(p_slot + o_i + t)
-        for sub in tl.static_range(BK // BN):
+        for sub in range(0, BK // BN):
             start_n = i_kb * BK + sub * BN
             if _visible(start_n, last_m, IS_CAUSAL):
                 acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, b_q, p_k, p_v, s_ks, s_vs, offs_m, start_n, Skv, slot,
@@ -167,7 +160,7 @@ def _attn_fwd_kernel(p_q, p_k, p_v, p_o, p_lse, p_kvn, p_kvi, p_fkvn, p_fkvi, p_
     n_full = tl.load(p_fkvn + o_n)
     for t in range(0, n_full):
         i_kb = tl.load(p_fkvi + o_i + t)
-        for sub in tl.static_range(BK // BN):
+        for sub in range(0, BK // BN):
             start_n = i_kb * BK + sub * BN
             edge = start_n + BN > Skv
             if IS_CAUSAL:
@@ -259,28 +252,30 @@ def _attn_bwd_dq_kernel(p_q, p_k, p_v, p_do, p_lse, p_delta, p_dq, p_kvn, p_kvi,
         slot = -1
         if HAS_BITS:
             slot = tl.load(p_slot + o_i + t)
-        for sub in tl.static_range(BK // BN):
+        for sub in range(0, BK // BN):
             start_n = i_kb * BK + sub * BN
-            if _visible(start_n, last_m, IS_CAUSAL):
+            if IS_CAUSAL:
+                if start_n <= last_m:
+                    dq = _dq_tile(dq, b_q, b_do, lse2, delta, p_k, p_v, s_ks, s_vs, offs_m, start_n, Skv, slot,
+                                  p_bits, qk_scale, True, HEAD_DIM, BLOCK_D, BQ, BK, BN, True, HAS_BITS, PRECISION)
+            else:
                 dq = _dq_tile(dq, b_q, b_do, lse2, delta, p_k, p_v, s_ks, s_vs, offs_m, start_n, Skv, slot, p_bits,
-                              qk_scale, True, HEAD_DIM, BLOCK_D, BQ, BK, BN, IS_CAUSAL, HAS_BITS, PRECISION)
+                              qk_scale, True, HEAD_DIM, BLOCK_D, BQ, BK, BN, False, HAS_BITS, PRECISION)
 
+    # Full tiles need no element mask in dQ except the causal diagonal: keys past Skv load as zeros, so
+    # their dS * K adds nothing. One tile body per kernel keeps the register budget of the partial loop.
     n_full = tl.load(p_fkvn + o_n)
     for t in range(0, n_full):
         i_kb = tl.load(p_fkvi + o_i + t)
-        for sub in tl.static_range(BK // BN):
+        for sub in range(0, BK // BN):
             start_n = i_kb * BK + sub * BN
-            edge = start_n + BN > Skv
             if IS_CAUSAL:
-                edge = edge | (start_n + BN - 1 > start_m)
-            if _visible(start_n, last_m, IS_CAUSAL):
-                if edge:
+                if start_n <= last_m:
                     dq = _dq_tile(dq, b_q, b_do, lse2, delta, p_k, p_v, s_ks, s_vs, offs_m, start_n, Skv, -1,
-                                  p_bits, qk_scale, True, HEAD_DIM, BLOCK_D, BQ, BK, BN, IS_CAUSAL, False, PRECISION)
-                else:
-                    dq = _dq_tile(dq, b_q, b_do, lse2, delta, p_k, p_v, s_ks, s_vs, offs_m, start_n, Skv, -1,
-                                  p_bits, qk_scale, False, HEAD_DIM, BLOCK_D, BQ, BK, BN, IS_CAUSAL, False,
-                                  PRECISION)
+                                  p_bits, qk_scale, True, HEAD_DIM, BLOCK_D, BQ, BK, BN, True, False, PRECISION)
+            else:
+                dq = _dq_tile(dq, b_q, b_do, lse2, delta, p_k, p_v, s_ks, s_vs, offs_m, start_n, Skv, -1, p_bits,
+                              qk_scale, False, HEAD_DIM, BLOCK_D, BQ, BK, BN, False, False, PRECISION)
 
     tl.store(p_dq + i_bh * Sq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
              (dq * sm_scale).to(p_dq.dtype.element_ty), mask=m_qd)
@@ -341,7 +336,6 @@ def _attn_bwd_dkv_kernel(p_q, p_k, p_v, p_do, p_lse, p_delta, p_dk, p_dv, p_qn, 
     b_v = tl.load(p_v + i_b * s_vb + i_hk * s_vh + offs_n[:, None] * s_vs + offs_d[None, :], mask=m_kd, other=0.0)
     dk = tl.zeros([BN, BLOCK_D], tl.float32)
     dv = tl.zeros([BN, BLOCK_D], tl.float32)
-    last_n = start_n + BN - 1
     Hq = Hkv * G
 
     for g in range(0, G):
@@ -358,30 +352,34 @@ def _attn_bwd_dkv_kernel(p_q, p_k, p_v, p_do, p_lse, p_delta, p_dk, p_dv, p_qn, 
             slot = -1
             if HAS_BITS:
                 slot = tl.load(p_slot + o_i + t)
-            for sub in tl.static_range(BQ // BM):
+            for sub in range(0, BQ // BM):
                 start_m = i_qb * BQ + sub * BM
-                if _visible(start_n, start_m + BM - 1, IS_CAUSAL):
+                if IS_CAUSAL:
+                    if start_m + BM - 1 >= start_n:
+                        dk, dv = _dkv_tile(dk, dv, b_k, b_v, q_base, do_base, p_lse + r_base, p_delta + r_base,
+                                           s_qs, s_dos, start_m, offs_n, Sq, Skv, slot, p_bits, qk_scale, True,
+                                           HEAD_DIM, BLOCK_D, BQ, BK, BM, True, HAS_BITS, PRECISION)
+                else:
                     dk, dv = _dkv_tile(dk, dv, b_k, b_v, q_base, do_base, p_lse + r_base, p_delta + r_base, s_qs,
                                        s_dos, start_m, offs_n, Sq, Skv, slot, p_bits, qk_scale, True, HEAD_DIM,
-                                       BLOCK_D, BQ, BK, BM, IS_CAUSAL, HAS_BITS, PRECISION)
+                                       BLOCK_D, BQ, BK, BM, False, HAS_BITS, PRECISION)
 
+        # Keys past Skv only feed dK/dV rows that are never stored, so full tiles need the element mask for
+        # the causal diagonal alone; one tile body per kernel keeps the register budget of the partial loop.
         n_full = tl.load(p_fqn + o_n)
         for t in range(0, n_full):
             i_qb = tl.load(p_fqi + o_i + t)
-            for sub in tl.static_range(BQ // BM):
+            for sub in range(0, BQ // BM):
                 start_m = i_qb * BQ + sub * BM
-                # Keys past Skv only feed dK/dV rows that are never stored, so a full block needs the
-                # element mask here for the causal diagonal alone.
-                edge = _after(last_n, start_m, IS_CAUSAL)
-                if _visible(start_n, start_m + BM - 1, IS_CAUSAL):
-                    if edge:
+                if IS_CAUSAL:
+                    if start_m + BM - 1 >= start_n:
                         dk, dv = _dkv_tile(dk, dv, b_k, b_v, q_base, do_base, p_lse + r_base, p_delta + r_base,
                                            s_qs, s_dos, start_m, offs_n, Sq, Skv, -1, p_bits, qk_scale, True,
-                                           HEAD_DIM, BLOCK_D, BQ, BK, BM, IS_CAUSAL, False, PRECISION)
-                    else:
-                        dk, dv = _dkv_tile(dk, dv, b_k, b_v, q_base, do_base, p_lse + r_base, p_delta + r_base,
-                                           s_qs, s_dos, start_m, offs_n, Sq, Skv, -1, p_bits, qk_scale, False,
-                                           HEAD_DIM, BLOCK_D, BQ, BK, BM, IS_CAUSAL, False, PRECISION)
+                                           HEAD_DIM, BLOCK_D, BQ, BK, BM, True, False, PRECISION)
+                else:
+                    dk, dv = _dkv_tile(dk, dv, b_k, b_v, q_base, do_base, p_lse + r_base, p_delta + r_base, s_qs,
+                                       s_dos, start_m, offs_n, Sq, Skv, -1, p_bits, qk_scale, False, HEAD_DIM,
+                                       BLOCK_D, BQ, BK, BM, False, False, PRECISION)
 
     o_out = i_bh * Skv * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(p_dk + o_out, (dk * sm_scale).to(p_dk.dtype.element_ty), mask=m_kd)
@@ -415,9 +413,8 @@ class AttnBwdConfig:
 
 
 INTERPRET_CONFIG = AttnConfig(BM=64, BN=64)
-_D256_DQ = AttnConfig(32, 16, 4, 1)
+_D256_DQ = AttnConfig(32, 16, 8, 1)
 _D256_DKV = AttnConfig(16, 32, 4, 1)
-_D128_DKV_64 = AttnConfig(16, 64, 8, 2)
 INTERPRET_BWD_CONFIG = AttnBwdConfig(dq=INTERPRET_CONFIG, dkv=INTERPRET_CONFIG)
 
 
@@ -442,10 +439,10 @@ def fwd_config(head_dim: int, dtype: torch.dtype, has_bits: bool = False, precis
 
 def bwd_config(head_dim: int, dtype: torch.dtype, precision: str = "tf32",
                block_size: tuple[int, int] = (128, 128)) -> AttnBwdConfig:
-    """The backward's default tiles. On sm_90 a tile's row count is the M side of its warp-group MMAs,
-    so dQ takes many query rows and few keys (``BM x BN = 128 x 32``, 8 warps) and dK/dV the mirror
-    (``32 x 128``); the fp32 accumulators, the recomputed score tile and its element mask then fit in
-    registers. Mask blocks of 64 bound those sides to 64 (4 warps); D = 256 and fp32 take smaller tiles."""
+    """The backward's default tiles: dQ takes more query rows than keys per tile (its MMAs' M side is the
+    query tile), dK/dV more keys than query rows. The sizes are the largest whose fp32 accumulators,
+    recomputed score tile and element mask compile without spills on sm_90 for every mask flag (the
+    compile check); wider head dims and fp32 take smaller tiles."""
     if INTERPRET:
         return INTERPRET_BWD_CONFIG
     BQ, BK = block_size
@@ -454,15 +451,17 @@ def bwd_config(head_dim: int, dtype: torch.dtype, precision: str = "tf32",
             if head_dim > 128:
                 return AttnBwdConfig(dq=AttnConfig(16, 16, 4, 1), dkv=AttnConfig(16, 16, 4, 1))
             return AttnBwdConfig(dq=AttnConfig(16, 32, 8, 1), dkv=AttnConfig(16, 16, 4, 1))
-        c = AttnConfig(16, 16, 4, 1) if head_dim > 128 else AttnConfig(16, 32, 4, 2)
-        return AttnBwdConfig(dq=c, dkv=c)
+        if head_dim > 128:
+            return AttnBwdConfig(dq=AttnConfig(16, 16, 4, 1), dkv=AttnConfig(16, 16, 4, 1))
+        return AttnBwdConfig(dq=AttnConfig(16, 32, 4, 2),
+                             dkv=AttnConfig(16, 32, 4, 2) if head_dim <= 64 else AttnConfig(16, 16, 4, 1))
     if head_dim > 128:
         return AttnBwdConfig(dq=_D256_DQ, dkv=_D256_DKV)
-    dq = AttnConfig(128, 32, 8, 2) if BQ >= 128 else AttnConfig(64, 32, 4, 2)
-    if BK >= 128:
-        dkv = AttnConfig(32, 128, 8, 2)
+    if head_dim <= 64:
+        dq = AttnConfig(128, 32, 8, 2) if BQ >= 128 else AttnConfig(64, 32, 4, 2)
+        dkv = AttnConfig(32, 64, 4, 2)
     else:
-        dkv = AttnConfig(32, 64, 4, 2) if head_dim <= 64 else _D128_DKV_64
+        dq, dkv = AttnConfig(64, 16, 4, 2), AttnConfig(16, 32, 4, 1)
     return AttnBwdConfig(dq=dq, dkv=dkv)
 
 
@@ -492,6 +491,9 @@ def unsupported(q: torch.Tensor, block_mask) -> str | None:
     BQ, BK = block_mask.block_size
     if BQ not in BLOCK_SIZES or BK not in BLOCK_SIZES:
         return f"block_size {(BQ, BK)} (kernels take BQ, BK in {BLOCK_SIZES})"
+    if q.dtype == torch.float32 and q.shape[-1] > 128 and _precision(q.dtype) == "tf32x3":
+        # 3xTF32 tiles of D = 256 spilled on sm_90 down to 16 x 16; TF32 (or fp16/bf16) runs the kernels
+        return "float32 at head dim 256 without TF32 (torch.backends.cuda.matmul allows no TF32)"
     return None
 
 
@@ -679,7 +681,7 @@ def compile_variants():
             yield from _variant(kname, torch.bfloat16, D, True, True, (128, 128), cfg_of(D, torch.bfloat16, True),
                                 "tf32", False)
         for D in (64, 128, 256):
-            for precision in ("tf32", "tf32x3"):
+            for precision in ("tf32", "tf32x3") if D <= 128 else ("tf32",):
                 yield from _variant(kname, torch.float32, D, True, True, (128, 128),
                                     cfg_of(D, torch.float32, True, precision), precision, False)
         for block in ((64, 64), (128, 64), (64, 128)):
