@@ -16,13 +16,20 @@ import sparse_triton as st
 REPO = Path(__file__).resolve().parents[1]
 
 EXPECTED_ALL = {
+    "ActSparseLinearFunction",
+    "ActivationSparsity",
     "BlockMask",
     "BlockSparseAttentionFunction",
     "NMLinearFunction",
     "NMSparsity",
     "NMTensor",
+    "Thresholds",
     "__version__",
+    "act_sparse_linear",
+    "act_sparse_mlp",
+    "activation_sparsity_report",
     "block_sparse_attention",
+    "calibrate_thresholds",
     "nm_compress",
     "nm_linear",
     "nm_mask",
@@ -33,7 +40,9 @@ EXPECTED_ALL = {
     "tuning",
 }
 
-CUSTOM_OPS = ["nm_linear_fwd", "nm_linear_bwd_dx", "nm_linear_bwd_dvalues", "nm_prune_compress"]
+CUSTOM_OPS = ["nm_linear_fwd", "nm_linear_bwd_dx", "nm_linear_bwd_dvalues", "nm_prune_compress",
+              "act_sparse_linear_fwd", "act_sparse_nm_linear_fwd", "act_sparse_linear_bwd_dx",
+              "act_sparse_linear_bwd_dw", "act_sparse_mlp_fwd"]
 
 DOCTEST_MODULES = [
     "sparse_triton.formats.block_mask",
@@ -42,6 +51,8 @@ DOCTEST_MODULES = [
     "sparse_triton.nn.attention",
     "sparse_triton.reference.block_scores",
     "sparse_triton.formats.nm",
+    "sparse_triton.ops.act_sparse",
+    "sparse_triton.calibration",
     "sparse_triton.ops.nm_linear",
     "sparse_triton.nn.linear",
     "sparse_triton.sparsify",
@@ -73,6 +84,9 @@ def test_public_names_are_the_documented_objects():
     ops_attention = importlib.import_module("sparse_triton.ops.attention")
     assert st.block_sparse_attention is ops_attention.block_sparse_attention
     assert st.BlockMask is importlib.import_module("sparse_triton.formats.block_mask").BlockMask
+    ops_act = importlib.import_module("sparse_triton.ops.act_sparse")
+    assert st.act_sparse_linear is ops_act.act_sparse_linear and st.act_sparse_mlp is ops_act.act_sparse_mlp
+    assert st.calibrate_thresholds is importlib.import_module("sparse_triton.calibration").calibrate_thresholds
     assert callable(st.sparsify)
 
 
@@ -139,5 +153,5 @@ def test_docstring_examples_run(modname):
 def test_public_functions_have_examples():
     for obj in (st.nm_mask, st.nm_prune, st.nm_compress, st.nm_linear, st.sparsify, st.NMSparsity, st.NMTensor,
                 st.nn.SparseLinear, st.BlockMask, st.BlockMask.from_dense, st.block_sparse_attention,
-                st.nn.BlockSparseAttention):
+                st.nn.BlockSparseAttention, st.act_sparse_linear, st.act_sparse_mlp, st.calibrate_thresholds):
         assert obj.__doc__ and ">>>" in obj.__doc__, obj.__name__

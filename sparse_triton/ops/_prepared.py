@@ -1,5 +1,6 @@
-"""Prepared forms of a compressed weight for implementations that need another layout: the dense
-weight (for cuBLAS) and cuSPARSELt's packed 2:4 form.
+"""Prepared forms of a weight for implementations that need another layout: the dense weight of a
+compressed one (for cuBLAS), cuSPARSELt's packed 2:4 form, the input-major copy of a dense weight (for
+the activation-sparse kernels).
 
 A form is built once per weight and reused while the weight is unchanged: entries are keyed by the
 ``values`` tensor's identity and hold its data pointer and version counter (and those of the indices),
@@ -41,10 +42,11 @@ def _drop(ident: int) -> Callable[[weakref.ref], None]:
     return callback
 
 
-def prepared(values: torch.Tensor, indices: torch.Tensor, kind: str,
+def prepared(values: torch.Tensor, indices: torch.Tensor | None, kind: str,
              build: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """The ``kind`` form of the weight ``(values, indices)``, from the cache or ``build()``."""
-    sv, si = _stamp(values), _stamp(indices)
+    """The ``kind`` form of the weight ``(values, indices)`` (``indices`` None for a dense weight), from
+    the cache or ``build()``."""
+    sv, si = _stamp(values), (() if indices is None else _stamp(indices))
     if sv is None or si is None or (values.is_cuda and torch.cuda.is_current_stream_capturing()):
         return build()
     stamp = (sv, si)
