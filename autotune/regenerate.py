@@ -63,6 +63,9 @@ QUICK_OPS = (FWD, PRUNE)  # what the perf suite's quick run calls
 DTYPES = ("fp16", "bf16")  # priority order
 TRAINING_MIN_TOKENS = 256  # dX is tuned from here up: prefill and training, not decode
 QUICK_MAX_TOKENS = 4096  # --quick: the perf suite's quick token counts
+ACT_FWD, ACT_GATE_UP = "act_sparse_linear_fwd", "act_sparse_gate_up"
+ACT_OPS = (ACT_FWD, ACT_GATE_UP, "act_sparse_nm_linear_fwd")
+ACT_TOKENS = (1, 2, 4, 8, 16, 32, 64)  # decode batches: the union rule's range (past it the op is dense)
 
 
 @dataclass(frozen=True)
@@ -92,17 +95,24 @@ class Job:
 
     @property
     def key_str(self) -> str:
-        from sparse_triton.ops.nm_tuning import TUNABLE
-
-        return TUNABLE[self.op].key_str(self.key)
+        return _tunable()[self.op].key_str(self.key)
 
     @property
     def label(self) -> str:
+        if self.op in ACT_OPS:
+            return f"{self.op:<17} {self.key_str}"
         tag, nm, N, K = self.key[:4]
         if self.op not in (FWD, BWD_DX):
             return f"{self.op:<17} {tag} {nm} {N}x{K}"
         bias = " +bias" if self.op == FWD and self.key[5] else ""
         return f"{self.op:<17} {tag} {nm} {N}x{K} M={self.key[4]}{bias}"
+
+
+def _tunable() -> dict:
+    """Every op the tables hold, by name."""
+    from sparse_triton.ops import act_sparse_tuning, nm_tuning
+
+    return {**nm_tuning.TUNABLE, **act_sparse_tuning.TUNABLE}
 
 
 def plan(quick: bool = False, targets: Sequence[ShapeSet] = TARGETS) -> list[Job]:
@@ -131,7 +141,26 @@ def plan(quick: bool = False, targets: Sequence[ShapeSet] = TARGETS) -> list[Job
                             else:
                                 ranked[(op, key)] = (min(old[0], rank), old[1] + [shape.name])
     order = sorted(ranked.items(), key=lambda item: item[1][0])
-    return [Job(op, key, tuple(layers)) for (op, key), (_, layers) in order]
+    jobs = [Job(op, key, tuple(layers)) for (op, key), (_, layers) in order]
+    return jobs + _act_jobs(quick, targets)
+
+
+def _act_jobs(quick: bool, targets: Sequence[ShapeSet]) -> list[Job]:
+    """The activation-sparse keys of the LLM sets: every linear at decode batches (scalar thresholds), and
+    the fused gate/up of each MLP (its gate_up shape), after the N:M keys."""
+    jobs: dict[tuple, list[str]] = {}
+    for sset in targets:
+        if not sset.name.startswith("llama") or (quick and sset.name != "llama3-8b"):
+            continue
+        for tag in DTYPES[:1] if quick else DTYPES:
+            for M in ACT_TOKENS[:1] if quick else ACT_TOKENS:
+                for shape in sset.shapes:
+                    keys = [(ACT_FWD, (tag, shape.N, shape.K, M, int(shape.bias), "scalar"))]
+                    if shape.name.endswith("gate_up"):
+                        keys.append((ACT_GATE_UP, (tag, shape.N, shape.K, M, "silu", "scalar")))
+                    for k in keys:
+                        jobs.setdefault(k, []).append(shape.name)
+    return [Job(op, key, tuple(layers)) for (op, key), layers in jobs.items()]
 
 
 def _token_buckets(op: str, tokens: Sequence[int], bucket: Callable[[int], int]) -> list[int]:
@@ -320,9 +349,7 @@ def tune_entry(tuner, device, job: Job) -> dict[str, Any] | None:
     and time and the best time of each implementation (``impl_ms``)."""
     import torch
 
-    from sparse_triton.ops.nm_tuning import TUNABLE
-
-    op = TUNABLE[job.op]
+    op = _tunable()[job.op]
     cands = op.candidates(job.key, tuner.limits(device), device)
     try:
         result = tuner.tune(op, job.key, device, candidates=cands, store=False)
@@ -378,7 +405,7 @@ def print_plan(jobs: Sequence[Job], entries: dict[str, dict[str, dict]], resume:
     for i, job in enumerate(jobs, 1):
         mark = "have" if has(entries, job) else "tune"
         print(f"{i:>4} {mark} {job.label:<50} {', '.join(job.layers)}")
-    by_op = {op: sum(j.op == op for j in jobs) for op in OPS}
+    by_op = {op: sum(j.op == op for j in jobs) for op in OPS + ACT_OPS}
     done = sum(has(entries, j) for j in jobs)
     counts = ", ".join(f"{op} {n}" for op, n in by_op.items() if n)
     print(f"{len(jobs)} keys ({counts}); {done} already in {resume}, {len(jobs) - done} to tune" if resume

@@ -161,6 +161,8 @@ print(sum(len(v) for v in json.load(open(sys.argv[1]))["entries"].values()))' "$
 fi
 
 # --- (d) perf suites, --quick; the time left is shared among the suites not yet run -----------------
+# Every perf/suites/<name>.py but _*.py: act_sparse, attention, nm_linear (alphabetical). A suite tunes the keys
+# the table lacks on first use, inside its share (outside its timings; act_sparse's ops may have no table keys).
 SUITES=()
 for f in perf/suites/*.py; do
     s=$(basename "$f" .py)

@@ -17,7 +17,10 @@ Two optional spec keys: ``"curves"`` (``[{"label", "points": [[x, y], ...]}]``) 
 in every panel (dotted black), and ``"also"`` is a list of further specs, each with a ``"name"``, drawn to
 ``<suite>-<name>.png``. The ``attention`` suite uses both: speedup over its own dense mode against block
 sparsity with the ideal 1/(1-s) curve (``attention.png``), speedup over dense SDPA against block sparsity
-(``attention-vs-sdpa.png``), and decode speedup over dense SDPA against S (``attention-decode.png``).
+(``attention-vs-sdpa.png``), and decode speedup over dense SDPA against S (``attention-decode.png``). The
+``act_sparse`` suite draws speedup over dense cuBLAS against union sparsity at batch 1 with the ideal 1/(1-s)
+(``act_sparse.png``), against batch at 50 % (``-batch``), the fused FFN (``-ffn``), N:M + activation (``-nm``)
+and the decode linear stack (``-decode``).
 
 This file imports nothing from the repository, so it also runs as a plain script.
 """

@@ -111,9 +111,9 @@ def _quiet_warnings():
 
 
 def _ops():
-    from .ops import nm_tuning
+    from .ops import act_sparse_tuning, nm_tuning
 
-    return nm_tuning.TUNABLE
+    return {**nm_tuning.TUNABLE, **act_sparse_tuning.TUNABLE}
 
 
 # ---------------------------------------------------------------------------------------------------- tune

@@ -413,3 +413,17 @@ def test_cuda_graph_capture(device):
         torch.cuda.synchronize()
         torch.testing.assert_close(y, st.act_sparse_linear(x, w, thr), rtol=0, atol=0)
         torch.testing.assert_close(z, st.act_sparse_mlp(x, wg, wu, wd, thr, 0.01), rtol=0, atol=0)
+
+
+def test_threshold_checked_again_after_a_change(device):
+    """A tensor threshold is checked once per version: an in-place change to a negative value is caught."""
+    w = torch.randn(32, 64, device=device)
+    x = torch.randn(2, 64, device=device)
+    t = torch.full((64,), 0.2, device=device)
+    st.act_sparse_linear(x, w, t)
+    t[3] = -0.5
+    with pytest.raises(ValueError, match="threshold must be finite and >= 0, got -0.5"):
+        st.act_sparse_linear(x, w, t)
+    for _ in range(3):  # fresh tensors (their ids and addresses may be reused) are checked too
+        with pytest.raises(ValueError, match="threshold must be finite and >= 0"):
+            st.act_sparse_linear(x, w, torch.full((64,), -1.0, device=device))

@@ -53,6 +53,7 @@ DOCTEST_MODULES = [
     "sparse_triton.formats.nm",
     "sparse_triton.ops.act_sparse",
     "sparse_triton.calibration",
+    "sparse_triton.nn.act_sparse",
     "sparse_triton.ops.nm_linear",
     "sparse_triton.nn.linear",
     "sparse_triton.sparsify",
@@ -80,7 +81,8 @@ def test_public_names_are_the_documented_objects():
     assert st.nm_compress is nm.nm_compress and st.NMTensor is nm.NMTensor
     assert st.nm_linear is ops_nm_linear.nm_linear and st.NMLinearFunction is ops_nm_linear.NMLinearFunction
     assert st.nn.SparseLinear is SparseLinear
-    assert st.nn.__all__ == ["BlockSparseAttention", "SparseLinear", "pooled_block_scores"]
+    assert st.nn.__all__ == ["ActSparseLinear", "ActSparseMLP", "BlockSparseAttention", "SparseLinear",
+                            "pooled_block_scores"]
     ops_attention = importlib.import_module("sparse_triton.ops.attention")
     assert st.block_sparse_attention is ops_attention.block_sparse_attention
     assert st.BlockMask is importlib.import_module("sparse_triton.formats.block_mask").BlockMask

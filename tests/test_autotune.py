@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sparse_triton.ops import act_sparse_tuning as ast
 from sparse_triton.ops import nm_tuning as nt
 from sparse_triton.tuning import DeviceInfo, Tuner, TuneResult, load_shipped
 from sparse_triton.tuning.cache import FORMAT
@@ -40,11 +41,17 @@ def test_plan_counts():
     assert len(by_op[rg.BWD_DX]) == (4 * 4 + 2 * 4 + 2 - 1) * 4 * 2 == 200
     # prune and gather: once per weight shape (7: ViT-L fc2 is Llama k/v's 1024x4096)
     assert len(by_op[rg.PRUNE]) == len(by_op[rg.GATHER]) == 7 * 4 * 2 == 56
-    assert len({(j.op, j.key) for j in FULL}) == len(FULL) == 712
-    # --quick: what perf's --quick runs (Llama-3-8B, fp16, M <= 4096, all patterns, forward + compression)
-    assert len(QUICK) == 4 * 7 * 4 + 4 * 4 == 128
-    assert {j.op for j in QUICK} == {rg.FWD, rg.PRUNE}
-    assert all(j.key[0] == "fp16" and (j.op == rg.PRUNE or j.key[4] <= 4096) for j in QUICK)
+    # activation-sparse, after the N:M keys: every Llama linear at 7 decode batches x 2 dtypes, plus the fused
+    # gate/up of each MLP (8B: 4 linears + gate/up, 70B: 2 + gate/up)
+    act = [j for j in FULL if j.op in rg.ACT_OPS]
+    assert len(act) == (5 + 3) * 7 * 2 == 112 and FULL[-len(act):] == act
+    assert len({(j.op, j.key) for j in FULL}) == len(FULL) == 712 + 112
+    # --quick: what perf's --quick runs (Llama-3-8B, fp16, M <= 4096, all patterns, forward + compression;
+    # activation-sparse decode at batch 1)
+    assert len(QUICK) == 4 * 7 * 4 + 4 * 4 + 5 == 133
+    assert {j.op for j in QUICK} == {rg.FWD, rg.PRUNE, rg.ACT_FWD, rg.ACT_GATE_UP}
+    assert all(j.key[0] == "fp16" and (j.op == rg.PRUNE or j.key[3 if j.op in rg.ACT_OPS else 4] <= 4096)
+               for j in QUICK)
     assert {j.layers[0].split(".")[0] for j in QUICK} == {"llama3-8b"}
     assert {(j.op, j.key) for j in QUICK} <= {(j.op, j.key) for j in FULL}
 
@@ -59,10 +66,11 @@ def test_plan_order_most_important_first():
                                               {(q.op, q.key) for q in QUICK}]  # quick keeps the same order
 
     patterns = [f"{n}:{m}" for n, m in rg.NM_PATTERNS]
-    ranks = [(patterns.index(j.key[1]), rg.OPS.index(j.op), rg.DTYPES.index(j.key[0])) for j in FULL]
+    nm_jobs = [j for j in FULL if j.op in rg.OPS]
+    ranks = [(patterns.index(j.key[1]), rg.OPS.index(j.op), rg.DTYPES.index(j.key[0])) for j in nm_jobs]
     assert ranks == sorted(ranks)  # pattern, then op (forward, dX, prune, gather), then dtype (fp16, bf16)
     assert rg.OPS == (rg.FWD, rg.BWD_DX, rg.PRUNE, rg.GATHER)
-    assert patterns[0] == "2:4" and FULL[49].key[1] == "2:4" and FULL[-1].key[1] == "4:8"
+    assert patterns[0] == "2:4" and FULL[49].key[1] == "2:4" and nm_jobs[-1].key[1] == "4:8"
 
 
 def test_plan_keys_are_the_ops_keys():
@@ -71,6 +79,16 @@ def test_plan_keys_are_the_ops_keys():
     assert {(j.op, j.key[2:]) for j in shared} == {(rg.BWD_DX, (1024, 4096, 16384)), (rg.PRUNE, (1024, 4096)),
                                                    (rg.GATHER, (1024, 4096))}
     for j in FULL:
+        if j.op in rg.ACT_OPS:
+            tag, N, K, M = j.key[:4]
+            x = torch.empty(M, K, dtype=nt.TAG_DTYPE[tag], device="meta")
+            t = torch.empty((), device="meta")
+            if j.op == rg.ACT_FWD:
+                assert j.key == ast.fwd_key(x, N, K, bool(j.key[4]), t)
+            else:
+                assert j.key == ast.gate_up_key(x, N, K, "silu", t) and j.layers[0].endswith("gate_up")
+            assert list(parse_key(j.key_str)) == list(ast.TUNABLE[j.op].fields)
+            continue
         tag, nm, N, K = j.key[:4]
         n, m = map(int, nm.split(":"))
         dtype = nt.TAG_DTYPE[tag]
@@ -99,11 +117,13 @@ def test_dry_run_lists_keys_in_order(capsys):
     assert lines[0].split()[:7] == ["1", "tune", "nm_linear_fwd", "fp16", "2:4", "4096x4096", "M=1"]
     assert lines[0].endswith("llama3-8b.q_o")
     assert lines[28].split()[:6] == ["29", "tune", "nm_prune_compress", "fp16", "2:4", "4096x4096"]
-    assert lines[-1] == "128 keys (nm_linear_fwd 112, nm_prune_compress 16)"
+    assert lines[-1] == ("133 keys (nm_linear_fwd 112, nm_prune_compress 16, act_sparse_linear_fwd 4, "
+                         "act_sparse_gate_up 1)")
 
     assert rg.main(["--dry-run"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == (
-        "712 keys (nm_linear_fwd 400, nm_linear_bwd_dx 200, nm_prune_compress 56, nm_gather 56)")
+        "824 keys (nm_linear_fwd 400, nm_linear_bwd_dx 200, nm_prune_compress 56, nm_gather 56, "
+        "act_sparse_linear_fwd 84, act_sparse_gate_up 28)")
 
 
 def _fake_entry(name="dense", ms=1.0, tune_s=0.5):
@@ -125,7 +145,8 @@ def test_dry_run_with_resume_marks_what_the_table_has(tmp_path, capsys):
     assert rg.main(["--dry-run", "--quick", "--resume", str(table)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[1] for line in lines[:4]] == ["have", "tune", "have", "tune"]
-    assert lines[-1] == f"128 keys (nm_linear_fwd 112, nm_prune_compress 16); 2 already in {table}, 126 to tune"
+    assert lines[-1] == (f"133 keys (nm_linear_fwd 112, nm_prune_compress 16, act_sparse_linear_fwd 4, "
+                         f"act_sparse_gate_up 1); 2 already in {table}, 131 to tune")
     # a missing resume file is a new table; a corrupt one is refused (exit 2), never overwritten
     assert rg.main(["--dry-run", "--quick", "--resume", str(tmp_path / "missing.json")]) == 0
     (tmp_path / "bad.json").write_text('{"format": 1, "entries": ')
@@ -308,16 +329,16 @@ def test_main_writes_meta_and_campaign_and_resumes(tmp_path, monkeypatch, capsys
     assert tuned == QUICK and sum(len(v) for v in entries.values()) == len(QUICK) - 1
     assert {k: meta[k] for k in info.to_json()} == info.to_json()
     run = meta["campaign"]["runs"][-1]
-    assert (run["keys_tuned"], run["tune_s"], run["complete"], run["quick"]) == (127, 31.75, False, True)
+    assert (run["keys_tuned"], run["tune_s"], run["complete"], run["quick"]) == (132, 33.0, False, True)
     assert meta["campaign"]["quick"] is True and meta["campaign"]["date"] == run["date"]
     text = capsys.readouterr().out
-    assert "tuned 127 keys in 31.8s of tuning" in text and f"FAILED {QUICK[5].label}" in text
+    assert "tuned 132 keys in 33.0s of tuning" in text and f"FAILED {QUICK[5].label}" in text
 
     tuned.clear()
     assert rg.main(["--quick", "--resume", str(out), "--budget-s", "1000"]) == 0  # writes into the same file
     meta, entries = rg.load_table(out)
     assert tuned == [QUICK[5]] and sum(len(v) for v in entries.values()) == len(QUICK)
-    assert [r["keys_tuned"] for r in meta["campaign"]["runs"]] == [127, 1]
+    assert [r["keys_tuned"] for r in meta["campaign"]["runs"]] == [132, 1]
     assert meta["campaign"]["runs"][-1]["complete"] is True
 
     other = tmp_path / "other.json"

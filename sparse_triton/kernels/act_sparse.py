@@ -340,22 +340,25 @@ def config_from_dict(d: dict) -> ActSparseConfig | None:
 # --------------------------------------------------------------------------------------------------
 # launchers
 
-_COUNTERS = 1 << 16
+_COUNTERS = 4096
 _counter_lock = threading.Lock()
 _counters: dict[tuple, torch.Tensor] = {}
 
 
 def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """Zeroed int32 counters for a split launch, one buffer per (device, stream) kept for reuse (each
-    launch leaves them zero). Launches on one stream run in order, so they never share a counter."""
-    if tiles > _COUNTERS:
-        return torch.zeros(tiles, dtype=torch.int32, device=device)
+    """Zeroed int32 counters for a split launch: one buffer per (device, stream), made outside CUDA-graph
+    capture and kept for reuse (each launch leaves its counters zero; launches on one stream run in order,
+    so they never share one). A launch with more tiles, or one being captured on a stream without a buffer
+    yet, gets fresh zeros (captured, the zeroing is part of the graph)."""
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream)
     with _counter_lock:
         buf = _counters.get(key)
-        if buf is None:
+        if buf is None and not capturing and tiles <= _COUNTERS:
             buf = _counters[key] = torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
+    if buf is None or tiles > _COUNTERS:
+        return torch.zeros(tiles, dtype=torch.int32, device=device)
     return buf
 
 

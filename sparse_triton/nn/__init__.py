@@ -1,6 +1,7 @@
 """Drop-in sparse modules."""
 
+from .act_sparse import ActSparseLinear, ActSparseMLP
 from .attention import BlockSparseAttention, pooled_block_scores
 from .linear import SparseLinear
 
-__all__ = ["BlockSparseAttention", "SparseLinear", "pooled_block_scores"]
+__all__ = ["ActSparseLinear", "ActSparseMLP", "BlockSparseAttention", "SparseLinear", "pooled_block_scores"]

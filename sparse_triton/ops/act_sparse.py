@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 
 import torch
 
@@ -174,23 +175,31 @@ class ActSparseLinearFunction(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------------ validation
 
 _scalar_lock = threading.Lock()
+# Kept for the process's life: a captured CUDA graph may hold a scalar's address.
 _scalars: dict[tuple, torch.Tensor] = {}
-_checked: dict[int, tuple] = {}
+_checked: dict[int, tuple[weakref.ref, tuple]] = {}
 
 
 def _scalar(value: float, device: torch.device) -> torch.Tensor:
-    """A cached fp32 scalar tensor (a Python threshold costs no copy per call). One made during CUDA-graph
-    capture holds its value only once the graph runs, so it is never cached."""
+    """A cached fp32 scalar tensor (a Python threshold costs no copy per call; each distinct value is kept).
+    One made during CUDA-graph capture holds its value only once the graph runs, so it is never cached."""
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return torch.full((), float(value), dtype=torch.float32, device=device)
     key = (float(value), device)
     with _scalar_lock:
         t = _scalars.get(key)
         if t is None:
-            if len(_scalars) > 1024:
-                _scalars.clear()
             t = _scalars[key] = torch.full((), float(value), dtype=torch.float32, device=device)
     return t
+
+
+def _forget(ident: int):
+    def callback(ref: weakref.ref) -> None:
+        with _scalar_lock:
+            entry = _checked.get(ident)
+            if entry is not None and entry[0] is ref:
+                del _checked[ident]
+    return callback
 
 
 def check_threshold(threshold, K: int, device: torch.device, where: str, name: str = "threshold") -> torch.Tensor:
@@ -218,15 +227,15 @@ def check_threshold(threshold, K: int, device: torch.device, where: str, name: s
             stamp = (threshold.data_ptr(), threshold._version)
         except RuntimeError:
             stamp = None
-        if stamp is None or _checked.get(id(threshold)) != stamp:
+        entry = _checked.get(id(threshold))
+        if stamp is None or entry is None or entry[0]() is not threshold or entry[1] != stamp:
             bad = ~torch.isfinite(threshold) | (threshold < 0)
             if bool(bad.any()):
                 raise ValueError(f"{where}: {name} must be finite and >= 0, got "
                                  f"{threshold[bad].flatten()[0].item()} (at {bad.nonzero()[0].tolist()})")
             if stamp is not None:
-                if len(_checked) > 4096:
-                    _checked.clear()
-                _checked[id(threshold)] = stamp
+                with _scalar_lock:
+                    _checked[id(threshold)] = (weakref.ref(threshold, _forget(id(threshold))), stamp)
     return threshold if threshold.dtype == torch.float32 else threshold.float()
 
 
@@ -309,7 +318,7 @@ def nm_input_major(weight: torch.Tensor, n: int, m: int) -> NMTensor:
 
     >>> import sparse_triton as st
     >>> w_t = st.ops.act_sparse.nm_input_major(torch.randn(32, 64), 2, 4)
-    >>> w_t.shape
+    >>> tuple(w_t.shape)
     (64, 32)
     """
     from ..formats.nm import nm_compress
