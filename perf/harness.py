@@ -474,6 +474,22 @@ class PlotSpec:
         return d
 
 
+@dataclass(frozen=True)
+class CurvesPlot(PlotSpec):
+    """A PlotSpec with reference ``curves`` ([(label, ((x, y), ...))], e.g. the ideal 1/(1-s)) and ``also``:
+    further plots drawn to ``<suite>-<name>.png`` (the keys perf/plot.py reads)."""
+
+    name: str | None = None
+    curves: tuple[tuple[str, tuple[tuple[float, float], ...]], ...] = ()
+    also: tuple[PlotSpec, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        d = super().to_json()
+        d["curves"] = [{"label": label, "points": [list(p) for p in pts]} for label, pts in self.curves]
+        d["also"] = [s.to_json() for s in self.also]
+        return d
+
+
 def results_path(suite: str, out_dir: Path | str | None = None, env: Mapping[str, Any] | None = None) -> Path:
     """``<out_dir>/<gpu-slug>/<suite>.json`` (out_dir defaults to perf/results)."""
     env = environment() if env is None else env

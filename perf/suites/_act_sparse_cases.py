@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from autotune.shapes import LLAMA3_8B, LLAMA3_70B, LinearShape
-from perf.harness import PlotSpec, add_common_args, format_table
+from perf.harness import CurvesPlot, add_common_args, format_table
 
 SUITE = "act_sparse"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -542,20 +542,7 @@ def summary(rows: Sequence[dict[str, Any]]) -> str:
     return "\n\n".join(out)
 
 
-@dataclass(frozen=True)
-class ActSparsePlot(PlotSpec):
-    """A PlotSpec with reference ``curves`` ([(label, ((x, y), ...))]) and ``also``: further plots drawn to
-    ``<suite>-<name>.png`` (the keys perf/plot.py reads)."""
-
-    name: str | None = None
-    curves: tuple[tuple[str, tuple[tuple[float, float], ...]], ...] = ()
-    also: tuple[PlotSpec, ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        d = super().to_json()
-        d["curves"] = [{"label": label, "points": [list(p) for p in pts]} for label, pts in self.curves]
-        d["also"] = [s.to_json() for s in self.also]
-        return d
+ActSparsePlot = CurvesPlot  # reference curves + further plots (perf.harness)
 
 
 def _ideal_curve(top: float, factor: float = 1.0, label: str = "ideal 1/(1-s)"

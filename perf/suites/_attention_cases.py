@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from perf.harness import PlotSpec, add_common_args, format_table
+from perf.harness import CurvesPlot, add_common_args, format_table
 
 HQ, HKV, BLOCK = 32, 8, 128
 WINDOW, N_DOCS = 4096, 8
@@ -705,20 +705,7 @@ def summary(rows: Sequence[dict[str, Any]]) -> str:
     return "\n\n".join(out)
 
 
-@dataclass(frozen=True)
-class AttentionPlot(PlotSpec):
-    """A PlotSpec with reference ``curves`` ([(label, ((x, y), ...))]) and ``also``: further plots drawn to
-    ``<suite>-<name>.png`` (see perf/plot.py)."""
-
-    name: str | None = None
-    curves: tuple[tuple[str, tuple[tuple[float, float], ...]], ...] = ()
-    also: tuple[PlotSpec, ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        d = super().to_json()
-        d["curves"] = [{"label": label, "points": [list(p) for p in pts]} for label, pts in self.curves]
-        d["also"] = [s.to_json() for s in self.also]
-        return d
+AttentionPlot = CurvesPlot  # reference curves + further plots (perf.harness)
 
 
 _PEERS = ("flex", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient")
