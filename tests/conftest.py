@@ -51,3 +51,23 @@ def device() -> str:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def tuner_factory(tmp_path):
+    """``make(timer, **kw)`` -> a :class:`Tuner` that tunes on CPU into ``tmp_path`` as the H100 of
+    ``kit.H100_INFO``; the default tuner and the prepared weight forms are restored afterwards."""
+    import sparse_triton as st
+    from kit import H100_INFO
+    from sparse_triton.ops import _prepared
+    from sparse_triton.tuning.tuner import Tuner
+
+    def make(timer, **kw):
+        kw.setdefault("device_info", H100_INFO)
+        kw.setdefault("tune_on_cpu", True)
+        return Tuner(timer=timer, cache_root=tmp_path / "cache", shipped_dir=tmp_path / "shipped", **kw)
+
+    previous = st.tuning.set_default_tuner(None)
+    yield make
+    st.tuning.set_default_tuner(previous)
+    _prepared.clear_weight_cache()
