@@ -57,8 +57,9 @@ def _seed():
 def tuner_factory(tmp_path):
     """``make(timer, **kw)`` -> a :class:`Tuner` that tunes on CPU into ``tmp_path`` as the H100 of
     ``kit.H100_INFO``; the default tuner and the prepared weight forms are restored afterwards."""
-    import sparse_triton as st
     from kit import H100_INFO
+
+    import sparse_triton as st
     from sparse_triton.ops import _prepared
     from sparse_triton.tuning.tuner import Tuner
 
@@ -71,3 +72,15 @@ def tuner_factory(tmp_path):
     yield make
     st.tuning.set_default_tuner(previous)
     _prepared.clear_weight_cache()
+
+
+@pytest.fixture
+def set_tf32():
+    """``set_tf32(on)``: TF32 for fp32 matmuls on or off for the rest of the test (``kit.tf32``), restored at
+    teardown."""
+    import contextlib
+
+    from kit import tf32
+
+    with contextlib.ExitStack() as stack:
+        yield lambda on: stack.enter_context(tf32(on))

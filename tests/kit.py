@@ -14,7 +14,9 @@ Rules (shared/DESIGN.md, "Tolerances"):
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -29,19 +31,23 @@ class Tol:
     ``rtol``: relative, the output's rounding. ``atol``: absolute per ``sqrt(K)`` per unit product
     magnitude. The fp32 value is > 10x fp32 rounding (6e-8); the fp16 value is below the ~5e-4 an fp16
     accumulator would add, so an accumulation in the wrong dtype fails. ``own_atol``: the additive
-    term of the "2x PyTorch's own error" rule, per unit of the reference's largest magnitude.
+    term of the "2x PyTorch's own error" rule, per unit of the reference's largest magnitude; also the
+    absolute tolerance of softmax-weighted averages (attention outputs, magnitude ~1), with half of it as
+    their relative tolerance. ``lse``: absolute and relative tolerance of a log-sum-exp (always computed in
+    fp32; the error comes from the inputs' rounding).
     """
 
     rtol: float
     atol: float
     own_atol: float
+    lse: float
 
 
 TOLERANCES: dict[torch.dtype, Tol] = {
-    torch.float64: Tol(rtol=1e-10, atol=1e-10, own_atol=1e-10),
-    torch.float32: Tol(rtol=1e-5, atol=2e-6, own_atol=2e-5),
-    torch.float16: Tol(rtol=1e-3, atol=1e-3, own_atol=2e-3),
-    torch.bfloat16: Tol(rtol=8e-3, atol=8e-3, own_atol=1.6e-2),
+    torch.float64: Tol(rtol=1e-10, atol=1e-10, own_atol=1e-10, lse=1e-10),
+    torch.float32: Tol(rtol=1e-5, atol=1e-6, own_atol=2e-5, lse=2e-5),
+    torch.float16: Tol(rtol=1e-3, atol=1e-4, own_atol=2e-3, lse=1e-4),
+    torch.bfloat16: Tol(rtol=8e-3, atol=8e-3, own_atol=1.6e-2, lse=1e-3),
 }
 
 
@@ -57,6 +63,22 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, K: int = 1, *, scale: fl
     t = tol(dtype or got.dtype)
     torch.testing.assert_close(got.double().cpu(), want.double().cpu(), rtol=t.rtol,
                                atol=t.atol * math.sqrt(max(K, 1)) * scale, msg=msg)
+
+
+def assert_close_avg(got: torch.Tensor, want: torch.Tensor, dtype=None, msg: str | None = None) -> None:
+    """A softmax-weighted average (attention output) ``got`` vs the fp64 ``want``."""
+    t = tol(dtype or got.dtype)
+    torch.testing.assert_close(got.double().cpu(), want.double().cpu(), atol=t.own_atol, rtol=t.own_atol / 2, msg=msg)
+
+
+def assert_close_lse(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    """A log-sum-exp (fp32) of inputs in ``dtype`` vs the fp64 ``want``: -inf exactly where ``want`` is,
+    finite entries within the dtype's ``lse`` tolerance."""
+    got, want = got.double().cpu(), want.double().cpu()
+    assert torch.equal(got.isneginf(), want.isneginf()), "lse: -inf in different places"
+    fin = want.isfinite()
+    t = tol(dtype).lse
+    torch.testing.assert_close(got[fin], want[fin], atol=t, rtol=t)
 
 
 def own_error_bound(want: torch.Tensor, own: torch.Tensor, dtype: torch.dtype) -> float:
@@ -101,6 +123,32 @@ class FakeTimer:
 def no_timer(name, fn) -> float:
     """A timer for tuners that must never time anything."""
     raise AssertionError(f"timed {name}")
+
+
+@contextlib.contextmanager
+def tf32(on: bool) -> Iterator[None]:
+    """TF32 for fp32 matmuls on or off inside the block, restored after it, through the one API this torch
+    uses: ``torch.backends.cuda.matmul.fp32_precision`` where it exists (torch >= 2.9; its ``__getattr__``
+    makes it invisible to ``monkeypatch`` on 2.14), the legacy ``allow_tf32`` otherwise. Never mixes the two:
+    torch raises on reading the legacy flag once the new one was set."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        old = matmul.fp32_precision
+    except AttributeError:
+        old = None
+    if old is None:
+        legacy = matmul.allow_tf32
+        matmul.allow_tf32 = bool(on)
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = legacy
+        return
+    matmul.fp32_precision = "tf32" if on else "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = old
 
 
 # The GPU the tuning tests pretend to be on (nothing runs on it).

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from kit import assert_close
 
 import sparse_triton as st
 from sparse_triton.kernels import act_sparse as kernel
@@ -14,7 +15,6 @@ from sparse_triton.ops import _prepared
 from sparse_triton.ops import act_sparse as ops
 from sparse_triton.reference import act_sparse as ref
 
-TOL = {torch.float32: (1e-5, 2e-6), torch.float16: (1e-3, 1e-3)}
 Cfg = kernel.ActSparseConfig
 CONFIGS = {
     "gemv": Cfg(BM=1, BN=64, BK=32),
@@ -24,10 +24,6 @@ CONFIGS = {
     "interpret": kernel.INTERPRET_CONFIG,
 }
 
-
-def assert_close(out, expect, K):
-    rtol, atol = TOL[out.dtype]
-    torch.testing.assert_close(out.double().cpu(), expect.cpu(), rtol=rtol, atol=atol * math.sqrt(max(K, 1)))
 
 
 def _x(M, K, dtype, device, sparsity=0.5):

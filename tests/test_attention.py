@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from kit import assert_within_own_error, tf32
 
 import sparse_triton as st
 from sparse_triton.kernels import attention as K
@@ -47,17 +48,6 @@ def _masks(Sq: int, Skv: int, bs: int, device):
     return out
 
 
-def _tol(dtype):
-    return {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
-
-
-def _check(got, want, own, dtype, what):
-    """``got`` vs the fp64 ``want``: within 2x PyTorch's own error in ``dtype`` (``own``) + atol."""
-    want = want.to(torch.float64)
-    err = (got.to(torch.float64) - want).abs().max().item()
-    bound = 2 * (own.to(torch.float64) - want).abs().max().item() + _tol(dtype) * max(1.0, want.abs().max().item())
-    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
-
 
 def _run(q, k, v, bm, causal, dtype):
     """Kernel forward + backward against the fp64 reference and PyTorch's own ``dtype`` computation."""
@@ -77,14 +67,14 @@ def _run(q, k, v, bm, causal, dtype):
     own_o, _ = R.dense_attention(qo, ko.repeat_interleave(G, 1), vo.repeat_interleave(G, 1), allowed, scale)
     own_o.backward(do)
 
-    _check(o, ro, own_o, dtype, "o")
+    assert_within_own_error(o, ro, own_o, dtype, "o")
     fin = torch.isfinite(rl)
     assert torch.equal(torch.isfinite(lse), fin), "lse is -inf exactly where a query has no allowed key"
     assert (lse[~fin] == -INF).all() and (o[~fin] == 0).all()
     assert (lse[fin].double() - rl[fin]).abs().max().item() <= 1e-4 * max(1.0, rl[fin].abs().max().item())
-    _check(dq, rdq, qo.grad, dtype, "dq")
-    _check(dk, rdk, ko.grad, dtype, "dk")
-    _check(dv, rdv, vo.grad, dtype, "dv")
+    assert_within_own_error(dq, rdq, qo.grad, dtype, "dq")
+    assert_within_own_error(dk, rdk, ko.grad, dtype, "dk")
+    assert_within_own_error(dv, rdv, vo.grad, dtype, "dv")
     for t in (o, dq, dk, dv):
         assert torch.isfinite(t).all()
     return o, lse
@@ -297,14 +287,10 @@ def test_unsupported_configs_are_reported():
     assert "block_size" in K.unsupported(torch.zeros(1, 1, 4, 64), st.BlockMask.causal(4, 256))
     assert K.unsupported(torch.zeros(1, 1, 4, 64), st.BlockMask.causal(4, 64)) is None
     # fp32 at D = 256 needs TF32 (3xTF32 tiles of that width spill); fp16 does not
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = False
+    with tf32(False):
         assert "without TF32" in K.unsupported(torch.zeros(1, 1, 4, 256), st.BlockMask.causal(4, 64))
-        torch.backends.cuda.matmul.allow_tf32 = True
+    with tf32(True):
         assert K.unsupported(torch.zeros(1, 1, 4, 256), st.BlockMask.causal(4, 64)) is None
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
     assert K.unsupported(torch.zeros(1, 1, 4, 256, dtype=torch.float16), st.BlockMask.causal(4, 64)) is None
 
 

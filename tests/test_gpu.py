@@ -17,15 +17,6 @@ pytestmark = pytest.mark.gpu
 PATTERNS = [(2, 4), (1, 4), (2, 8), (4, 8), (8, 16)]
 
 
-def set_tf32(monkeypatch, on: bool) -> None:
-    """TF32 for fp32 matmuls on or off for one test, through the API this torch uses."""
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        monkeypatch.setattr(matmul, "fp32_precision", "tf32" if on else "ieee")
-    else:
-        monkeypatch.setattr(matmul, "allow_tf32", on)
-
-
 def rel_err(out, ref):
     return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
@@ -55,9 +46,9 @@ def _config_cases():
 
 @pytest.mark.parametrize("cfg,dtype", list(_config_cases()))
 @pytest.mark.parametrize("split", [1, 3])
-def test_every_config_compiled(cfg, dtype, split, monkeypatch):
+def test_every_config_compiled(cfg, dtype, split, set_tf32):
     tf32 = cfg in kernel.TF32_CONFIGS.values()
-    set_tf32(monkeypatch, tf32)
+    set_tf32(tf32)
     cfg = replace(cfg, SPLIT=split)
     M, N, K = max(1, cfg.BM - 3), 300, 700
     x = torch.randn(M, K, device="cuda", dtype=dtype)
@@ -145,8 +136,8 @@ def test_cuda_graph_capture_and_no_host_sync():
     assert math.isfinite(static_y.float().sum().item())
 
 
-def test_exact_fp32_past_decode_matches_cublas(monkeypatch):
-    set_tf32(monkeypatch, False)
+def test_exact_fp32_past_decode_matches_cublas(set_tf32):
+    set_tf32(False)
     w_nm = st.nm_compress(torch.randn(512, 1024, device="cuda"), 2, 4)
     for M in (1, 8, 9, 300):
         x = torch.randn(M, 1024, device="cuda")

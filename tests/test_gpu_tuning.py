@@ -24,18 +24,9 @@ KEYS = [
 ]
 
 
-def _tf32(monkeypatch, tag):
-    on = tag != "fp32"
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        monkeypatch.setattr(matmul, "fp32_precision", "tf32" if on else "ieee")
-    else:
-        monkeypatch.setattr(matmul, "allow_tf32", on)
-
-
 @pytest.mark.parametrize("op,key", KEYS, ids=lambda v: v.name if hasattr(v, "name") else "|".join(map(str, v)))
-def test_every_candidate_correct_and_winner_fastest(op, key, tmp_path, monkeypatch):
-    _tf32(monkeypatch, key[0])
+def test_every_candidate_correct_and_winner_fastest(op, key, tmp_path, set_tf32):
+    set_tf32(key[0] != "fp32")
     tuner = Tuner(timer=CudaTimer(budget_ms=5), cache_root=tmp_path)
     device = torch.device("cuda", torch.cuda.current_device())
     result = tuner.tune(op, key, device)

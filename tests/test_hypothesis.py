@@ -1,12 +1,12 @@
 """Property tests over drawn shapes and N:M patterns (kernel-path m and reference-path m)."""
 
-import math
 
 import hypothesis.strategies as hs
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
+from kit import assert_close
 
 import sparse_triton as st
 
@@ -16,18 +16,9 @@ FLOAT_DTYPES = [torch.float32, torch.float16]
 
 # Per-dtype resolution against an fp64 reference of the same (already rounded) inputs.
 # rtol: about two units of the output dtype's rounding (the result is rounded once).
-# atol per sqrt(K) per unit product magnitude: the fp32 accumulator's error grows like sqrt(K); the
-# fp32 value is >10x above fp32 rounding (6e-8), the fp16 value is below the ~5e-4 an fp16
-# accumulator would add, so an accumulation in the wrong dtype fails.
-TOL = {torch.float32: (1e-5, 1e-6), torch.float16: (1e-3, 1e-4)}
 
 # The device fixture only names a device; it holds no state that examples could share.
 fixture_ok = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-def assert_close_ref(out, ref64, K, term_scale):
-    rtol, atol = TOL[out.dtype]
-    torch.testing.assert_close(out.double(), ref64, rtol=rtol, atol=atol * math.sqrt(max(K, 1)) * term_scale)
 
 
 def patterns(ms):
@@ -75,7 +66,7 @@ def test_nm_linear_matches_dense(path, nm, R, K, lead, dtype, bias, seed, device
     assert y.shape == (*lead, R) and y.dtype == dtype
     ref = F.linear(x.double(), w.to_dense().double(), None if b is None else b.double())
     scale = float(x.abs().max()) * float(w.values.abs().max()) if x.numel() and w.values.numel() else 1.0
-    assert_close_ref(y, ref, K, scale)
+    assert_close(y, ref, K, scale=scale)
 
 
 @pytest.mark.parametrize("path", list(PATHS), ids=str)
@@ -95,9 +86,9 @@ def test_nm_linear_gradients_match_dense(path, nm, R, K, T, dtype, seed, device)
     x64, b64 = x.detach().double().requires_grad_(), b.detach().double().requires_grad_()
     F.linear(x64, w64, b64).backward(dy.double())
     dy_max = float(dy.abs().max())
-    assert_close_ref(x.grad, x64.grad, R, dy_max * float(w.values.detach().abs().max()))
-    assert_close_ref(w.values.grad, w.gather(w64.grad), T, dy_max * float(x.detach().abs().max()))
-    assert_close_ref(b.grad, b64.grad, T, dy_max)
+    assert_close(x.grad, x64.grad, R, scale=dy_max * float(w.values.detach().abs().max()))
+    assert_close(w.values.grad, w.gather(w64.grad), T, scale=dy_max * float(x.detach().abs().max()))
+    assert_close(b.grad, b64.grad, T, scale=dy_max)
 
 
 @fixture_ok

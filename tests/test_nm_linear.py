@@ -1,19 +1,12 @@
 """ops/nm_linear.py: st.nm_linear against F.linear in fp64, its gradients, opcheck and torch.compile."""
 
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from kit import assert_close
 
 import sparse_triton as st
-
-TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 2e-6), torch.float16: (1e-3, 1e-3)}
-
-
-def assert_close(out, ref, K):
-    rtol, atol = TOL[out.dtype]
-    torch.testing.assert_close(out.double().cpu(), ref.cpu(), rtol=rtol, atol=atol * math.sqrt(max(K, 1)))
 
 
 def setup(lead, N, K, n, m, dtype, device, bias=True):
@@ -188,20 +181,33 @@ def test_cpu_without_interpreter_runs_the_reference():
     assert out.returncode == 0 and "reference ok" in out.stdout, out.stderr[-2000:]
 
 
-def test_tf32_set_through_the_new_api(device, monkeypatch):
+def test_tf32_set_through_the_new_api(device, set_tf32):
     # Reading the legacy allow_tf32 flag raises once TF32 was set through fp32_precision; the ops
     # must read the setting without mixing the two APIs.
     from sparse_triton.kernels._launch import tf32_enabled
 
-    matmul = torch.backends.cuda.matmul
-    if not hasattr(matmul, "fp32_precision"):
-        pytest.skip("this torch has only the legacy allow_tf32 flag")
-    monkeypatch.setattr(matmul, "fp32_precision", "tf32")
+    set_tf32(True)
     assert tf32_enabled()
     x, w_nm, b = setup((12,), 32, 64, 2, 4, torch.float32, device)
     y = st.nm_linear(x, w_nm, b)
     ref = F.linear(x.double(), w_nm.to_dense().double(), b.double())
     assert ((y.double() - ref).norm() / ref.norm()).item() < 2e-3  # TF32 on a GPU, exact on CPU
-    monkeypatch.setattr(matmul, "fp32_precision", "ieee")
+    set_tf32(False)
     assert not tf32_enabled()
+
+
+@pytest.mark.parametrize("how", ["set_float32_matmul_precision", "fp32_precision", "allow_tf32"])
+def test_tf32_read_on_every_api(how):
+    # Each way a user turns TF32 on is seen; run in a fresh interpreter, since torch refuses to read the
+    # legacy flag once the new API was used in the same process.
+    import subprocess
+    import sys
+
+    setting = {"set_float32_matmul_precision": "torch.set_float32_matmul_precision('high')",
+               "fp32_precision": "torch.backends.cuda.matmul.fp32_precision = 'tf32'",
+               "allow_tf32": "torch.backends.cuda.matmul.allow_tf32 = True"}[how]
+    code = ("import torch\nfrom sparse_triton.kernels._launch import tf32_enabled\n"
+            "assert not tf32_enabled()\n" + setting + "\nassert tf32_enabled()\nprint('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 

@@ -1,17 +1,15 @@
 """kernels/nm_matmul.py vs its reference twin (fp64), for every config, pattern and dtype."""
 
-import math
 from dataclasses import replace
 
 import pytest
 import torch
+from kit import assert_close
 
 from sparse_triton.kernels import nm_matmul as kernel
 from sparse_triton.reference import nm_matmul as reference
 from sparse_triton.reference import nm_prune as ref_prune
 
-# (rtol, atol per sqrt(K)): output rounding of the dtype + fp32 accumulation over K terms.
-TOL = {torch.float32: (1e-5, 2e-6), torch.float16: (1e-3, 1e-3), torch.bfloat16: (8e-3, 8e-3)}
 PATTERNS = [(2, 4), (1, 4), (2, 8), (4, 8), (3, 8), (8, 16), (1, 2)]
 CONFIGS = [*kernel.CONFIGS, kernel.INTERPRET_CONFIG]
 SPLIT_CONFIGS = [replace(kernel.GEMV_CONFIGS[2], SPLIT=3), replace(kernel.DOT_CONFIGS[16], SPLIT=3)]
@@ -21,11 +19,6 @@ SHAPES = [(1, 40, 100), (5, 64, 64), (33, 70, 300), (3, 17, 7)]
 def cfg_id(c):
     return f"{kernel.config_label(c)}-split{c.SPLIT}"
 
-
-def assert_close(out, ref, K):
-    rtol, atol = TOL[out.dtype]
-    atol *= math.sqrt(max(K, 1))
-    torch.testing.assert_close(out.double().cpu(), ref, rtol=rtol, atol=atol)
 
 
 def make(M, N, K, n, m, dtype, device, bias=True):

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from kit import assert_close
 from torch import nn
 
 import sparse_triton as st
@@ -17,16 +18,6 @@ DTYPES = [torch.float32, torch.float16]
 
 # Per-dtype resolution against an fp64 reference of the same (already rounded) inputs.
 # rtol: about two units of the output dtype's rounding (the result is rounded once).
-# atol per sqrt(K) per unit product magnitude: the fp32 accumulator's error grows like sqrt(K); the
-# fp32 value is >10x above fp32 rounding (6e-8), the fp16 value is below the ~5e-4 an fp16
-# accumulator would add, so an accumulation in the wrong dtype fails.
-TOL = {torch.float32: (1e-5, 1e-6), torch.float16: (1e-3, 1e-4)}
-
-
-def assert_close_ref(out, ref64, K, term_scale=1.0):
-    """``out`` vs the fp64 ``ref64`` for a reduction of length ``K`` over products of size ``term_scale``."""
-    rtol, atol = TOL[out.dtype]
-    torch.testing.assert_close(out.double(), ref64, rtol=rtol, atol=atol * math.sqrt(max(K, 1)) * term_scale)
 
 
 def _linear(in_f, out_f, bias, dtype, device):
@@ -54,10 +45,10 @@ def test_from_dense_matches_pruned_linear(dtype, n, m, bias, in_f, device):
     x = torch.randn(2, 3, in_f, dtype=dtype, device=device)  # leading batch dims
     y = sp(x)
     assert y.shape == (2, 3, 24) and y.dtype == dtype and y.device == x.device
-    assert_close_ref(y, _ref_forward(x, lin, n, m), in_f, _term_scale(x, lin.weight))
+    assert_close(y, _ref_forward(x, lin, n, m), in_f, scale=_term_scale(x, lin.weight))
     # The compressed weight is exactly the pruned dense weight, so a 2-D input agrees with F.linear too.
     x2 = x[0]
-    assert_close_ref(sp(x2), _ref_forward(x2, lin, n, m), in_f, _term_scale(x2, lin.weight))
+    assert_close(sp(x2), _ref_forward(x2, lin, n, m), in_f, scale=_term_scale(x2, lin.weight))
 
 
 @pytest.mark.parametrize("n,m", PATTERNS, ids=PIDS)
@@ -153,7 +144,7 @@ def test_half_keeps_int32_indices(convert, device):
     y = sp(x)
     assert y.dtype == torch.float16
     ref = F.linear(x.double(), sp.weight.detach().double(), sp.bias.detach().double())
-    assert_close_ref(y, ref, 70, _term_scale(x, sp.weight))
+    assert_close(y, ref, 70, scale=_term_scale(x, sp.weight))
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8)], ids=["2:4", "4:8"])
@@ -202,10 +193,10 @@ def test_gradients_match_dense_autograd(dtype, n, m, bias, device):
 
     assert sp.values.grad.shape == sp.values.shape and sp.values.grad.dtype == dtype
     # dvalues reduces over the T tokens, dx over the N outputs, dbias over the T tokens.
-    assert_close_ref(sp.values.grad, sp.weight_nm().gather(w64.grad), T, _term_scale(dy, x))
-    assert_close_ref(x.grad, x64.grad, N, _term_scale(dy, sp.values))
+    assert_close(sp.values.grad, sp.weight_nm().gather(w64.grad), T, scale=_term_scale(dy, x))
+    assert_close(x.grad, x64.grad, N, scale=_term_scale(dy, sp.values))
     if bias:
-        assert_close_ref(sp.bias.grad, b64.grad, T, float(dy.abs().max()))
+        assert_close(sp.bias.grad, b64.grad, T, scale=float(dy.abs().max()))
     assert sp.indices.grad is None
 
 
@@ -224,7 +215,7 @@ def test_direct_construction_is_nm(n, m, in_f, device):
     assert float(w.abs().max()) > 0.5 * bound  # not an all-zero / degenerate init
     x = torch.randn(6, in_f, device=device)
     ref = F.linear(x.double(), w.double(), sp.bias.detach().double())
-    assert_close_ref(sp(x), ref, in_f, _term_scale(x, w))
+    assert_close(sp(x), ref, in_f, scale=_term_scale(x, w))
 
 
 def test_direct_construction_dtype_and_no_bias(device):
@@ -232,7 +223,7 @@ def test_direct_construction_dtype_and_no_bias(device):
     assert sp.bias is None and sp.values.dtype == torch.float16 and sp.indices.dtype == torch.int32
     x = torch.randn(3, 70, dtype=torch.float16, device=device)
     ref = F.linear(x.double(), sp.weight.detach().double())
-    assert_close_ref(sp(x), ref, 70, _term_scale(x, sp.weight))
+    assert_close(sp(x), ref, 70, scale=_term_scale(x, sp.weight))
 
 
 @pytest.mark.parametrize("n,m", PATTERNS, ids=PIDS)
