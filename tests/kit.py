@@ -81,6 +81,17 @@ def assert_close_lse(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) 
     torch.testing.assert_close(got[fin], want[fin], atol=t, rtol=t)
 
 
+def assert_within_bound(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor) -> None:
+    """Elementwise ``|got - want| <= bound`` (an analytic error bound, e.g. reduction length x eps x sum of
+    |terms|), with -inf exactly where ``want`` has it and no NaN."""
+    got, want, bound = got.double().cpu(), want.double().cpu(), bound.double().cpu()
+    assert torch.equal(got.isneginf(), want.isneginf()), "-inf in different places"
+    assert not got.isnan().any(), "NaN in the result"
+    finite = ~want.isneginf()
+    err = (got - want).abs()[finite]
+    assert (err <= bound[finite]).all(), f"max err {err.max().item():.3g}"
+
+
 def own_error_bound(want: torch.Tensor, own: torch.Tensor, dtype: torch.dtype) -> float:
     """2x the error of PyTorch's own ``dtype`` computation ``own`` against the fp64 ``want``, plus the
     dtype's ``own_atol`` times ``max(1, max|want|)``."""

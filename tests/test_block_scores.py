@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from kit import assert_within_bound
 
 from sparse_triton.kernels import block_scores as kernel
 from sparse_triton.reference import block_scores as reference
@@ -51,15 +52,6 @@ def _inputs(B, Hq, Hkv, Sq, Skv, D, dtype, device):
     return q, k
 
 
-def _assert_close(got, want, bound):
-    got, want = got.double().cpu(), want.double().cpu()
-    assert torch.equal(got.isneginf(), want.isneginf())
-    assert not got.isnan().any()
-    finite = ~want.isneginf()
-    err = (got - want).abs()[finite]
-    assert (err <= bound[finite]).all(), f"max err {err.max().item():.3g}"
-
-
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B,Hq,Hkv,Sq,Skv,D,bs", CASES, ids=IDS)
@@ -73,10 +65,10 @@ def test_kernel_matches_reference_and_fp64(B, Hq, Hkv, Sq, Skv, D, bs, dtype, ca
     scale = D ** -0.5
     want = _straightforward(q, k, bq, bk, scale, causal)
     bound = _bound(q, k, bq, bk, scale)
-    _assert_close(got, want, bound)
+    assert_within_bound(got, want, bound)
     ref = reference.block_scores(q.cpu(), k.cpu(), bs, causal=causal)
     assert ref.dtype == torch.float32
-    _assert_close(ref, want, bound)
+    assert_within_bound(ref, want, bound)
     assert torch.equal(reference.block_scores(q.double().cpu(), k.double().cpu(), bs, causal=causal).isneginf(),
                        want.isneginf())
 
@@ -97,7 +89,7 @@ def test_scale_and_strided_inputs(device):
     k = torch.randn(1, 50, 1, 64, device=device).transpose(1, 2)
     got = kernel.block_scores(q, k, 16, scale=0.5, causal=False)
     want = _straightforward(q, k, 16, 16, 0.5, False)
-    _assert_close(got, want, _bound(q, k, 16, 16, 0.5))
+    assert_within_bound(got, want, _bound(q, k, 16, 16, 0.5))
 
 
 @pytest.mark.parametrize("Sq,Skv", [(0, 32), (32, 0)])
@@ -132,4 +124,4 @@ def test_bf16_on_gpu(device):
     q, k = _inputs(1, 4, 2, 300, 300, 128, torch.bfloat16, device)
     got = kernel.block_scores(q, k, 64, causal=True)
     want = _straightforward(q, k, 64, 64, 128 ** -0.5, True)
-    _assert_close(got, want, _bound(q, k, 64, 64, 128 ** -0.5))
+    assert_within_bound(got, want, _bound(q, k, 64, 64, 128 ** -0.5))
