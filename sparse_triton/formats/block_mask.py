@@ -35,11 +35,14 @@ partial list, so kernels may skip all masking in full tiles.
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import torch
 
-__all__ = ["BlockMask", "BlockMaskTensors", "pack_bits", "unpack_bits"]
+from ._checks import check_bool
+
+__all__ = ["BlockMask", "BlockMaskTensors", "check_block_mask", "pack_bits", "unpack_bits"]
 
 _EMPTY, _PARTIAL, _FULL = 0, 1, 2
 _EVAL_ELEMS = 1 << 22  # elements per chunk when evaluating an element rule on candidate tiles
@@ -185,9 +188,11 @@ class BlockMask:
                  validate=True):
         where = "BlockMask"
         BQ, BK = _block_size(block_size, where)
+        check_bool(causal, "causal", where)
+        check_bool(validate, "validate", where)
         if validate:
             _validate_lists(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, partial_bits,
-                            kv_bits_slot, causal, BQ, BK)
+                            kv_bits_slot, BQ, BK)
         B, H, NQ, NKV = kv_indices.shape
         if full_kv_num_blocks is not None:
             B, H = max(B, full_kv_indices.shape[0]), max(H, full_kv_indices.shape[1])
@@ -213,7 +218,7 @@ class BlockMask:
         if validate and (NQ != -(-Sq // BQ) or NKV != -(-Skv // BK)):
             raise ValueError(f"BlockMask: seq_lens=({Sq}, {Skv}) with block_size=({BQ}, {BK}) needs NQ={-(-Sq // BQ)}"
                              f", NKV={-(-Skv // BK)}, but kv_indices has NQ={NQ}, NKV={NKV}")
-        self._set(kind[..., :NKV].contiguous(), slot, bits, (BQ, BK), (Sq, Skv), bool(causal),
+        self._set(kind[..., :NKV].contiguous(), slot, bits, (BQ, BK), (Sq, Skv), causal,
                   kv_lists=(cnt, idx, fcnt, fidx, kvs))
 
     # -- internal construction ------------------------------------------------------------------------
@@ -241,9 +246,26 @@ class BlockMask:
 
     @classmethod
     def _from_rule(cls, rule, full, maybe, block_size, seq_lens, causal) -> BlockMask:
-        """Tiles ``full`` are full; tiles ``maybe`` are decided by evaluating ``rule(b, h, q, k)`` (broadcast
-        index tensors -> bool) on their elements: empty -> dropped, all allowed -> full, else partial with a
-        bitmask unless bounds + causal already say the same. Syncs the host (builders only)."""
+        """:meth:`_from_tiles` with a rule written in tensor ops: ``rule(b, h, q, k)`` is called once per chunk
+        of tiles on broadcast index tensors (``b``, ``h`` ``[n, 1, 1]``, ``q`` ``[n, BQ, 1]``, ``k``
+        ``[n, 1, BK]``) and returns bool broadcastable to ``[n, BQ, BK]``. For the builders' own rules."""
+
+        def evaluate(t, q, k):
+            return _eval_rule(rule, t[:, 0, None, None], t[:, 1, None, None], q, k, (t.shape[0], q.shape[1],
+                                                                                       k.shape[2]))
+
+        return cls._from_tiles(evaluate, full, maybe, block_size, seq_lens, causal)
+
+    @classmethod
+    def _from_tiles(cls, evaluate, full, maybe, block_size, seq_lens, causal) -> BlockMask:
+        """Tiles ``full`` are full; tiles ``maybe`` are decided by their elements, ``evaluate(t, q, k)`` -> bool
+        ``[n, BQ, BK]`` for a chunk of tiles ``t`` (``[n, 4]`` rows ``(b, h, i, j)``) with the query and key
+        indices ``q[n, BQ, 1]``, ``k[n, 1, BK]`` of those tiles, clamped to ``Sq - 1`` / ``Skv - 1`` (indices
+        past the ends are masked afterwards; clamping keeps a rule that indexes captured tensors in range).
+        A tile with no allowed element is dropped, one with all allowed is full, else partial with a bitmask
+        unless bounds + causal already say the same. Chunks hold at most ``_EVAL_ELEMS`` elements (one tile
+        at least), so memory is bounded by the chunk, never by ``B * H * Sq * Skv``; the tiles of a chunk
+        share one batch index ``b`` (see :func:`_flex_tile_evaluator`). Syncs the host (builders only)."""
         BQ, BK = block_size
         Sq, Skv = seq_lens
         dev = full.device
@@ -255,12 +277,15 @@ class BlockMask:
             plain = plain | (full & (k1 > q0))
         kind[plain] = _PARTIAL
         slot = torch.full(kind.shape, -1, dtype=torch.int32, device=dev)
-        tiles = (maybe & ~full).nonzero()  # [n, 4]
+        tiles = (maybe & ~full).nonzero()  # [n, 4], sorted by (b, h, i, j)
         words = []
         ar_q, ar_k = torch.arange(BQ, device=dev), torch.arange(BK, device=dev)
-        for c0 in range(0, tiles.shape[0], max(1, _EVAL_ELEMS // (BQ * BK))):
-            t = tiles[c0:c0 + max(1, _EVAL_ELEMS // (BQ * BK))]
-            b, h = t[:, 0, None, None], t[:, 1, None, None]
+        per_chunk = max(1, _EVAL_ELEMS // (BQ * BK))
+        # chunks never straddle two batch elements: ends[b] = number of tiles with batch index <= b
+        ends = torch.searchsorted(tiles[:, 0].contiguous(), torch.arange(1, Bm + 1, device=dev)).tolist()
+        chunks = [(c, min(c + per_chunk, e)) for s, e in zip([0] + ends[:-1], ends) for c in range(s, e, per_chunk)]
+        for c0, c1 in chunks:
+            t = tiles[c0:c1]
             q = (t[:, 2] * BQ)[:, None, None] + ar_q[None, :, None]  # [n, BQ, 1]
             k = (t[:, 3] * BK)[:, None, None] + ar_k[None, None, :]  # [n, 1, BK]
             base = (q < Sq) & (k < Skv)
@@ -268,7 +293,7 @@ class BlockMask:
                 base = base & (k <= q)
             # indices past the ends are clamped for the rule (it may index captured tensors); base masks them
             qc, kc = torch.clamp(q, max=max(Sq - 1, 0)), torch.clamp(k, max=max(Skv - 1, 0))
-            e = _eval_rule(rule, b, h, qc, kc, (t.shape[0], BQ, BK)) & base  # [n, BQ, BK]
+            e = evaluate(t, qc, kc) & base  # [n, BQ, BK]
             rows = q < Sq  # rows past Sq are never stored: they decide nothing
             is_all = (e | ~rows).flatten(1).all(1)
             is_any = e.flatten(1).any(1)
@@ -346,6 +371,7 @@ class BlockMask:
         BQ, BK = _block_size(block_size, where)
         Sq, Skv = _seq_lens(seq_len, where)
         window = _int(window, "window", where, 1)
+        check_bool(causal, "causal", where)
         q0, q1, k0, k1 = _tile_ranges(Sq, Skv, BQ, BK, device)
         lo, hi = (0, window - 1) if causal else (1 - window, window - 1)  # allowed q - k in [lo, hi]
         dmin, dmax = q0 - torch.clamp(k1, max=Skv - 1), q1 - k0
@@ -355,7 +381,7 @@ class BlockMask:
         def rule(b, h, q, k):
             return (q - k >= lo) & (q - k <= hi)
 
-        return cls._from_rule(rule, full, maybe, (BQ, BK), (Sq, Skv), bool(causal))
+        return cls._from_rule(rule, full, maybe, (BQ, BK), (Sq, Skv), causal)
 
     @classmethod
     def local_global(cls, seq_len, local_blocks: int, global_blocks: int, block_size=128, causal=False,
@@ -376,6 +402,7 @@ class BlockMask:
         local_blocks = _int(local_blocks, "local_blocks", where)
         global_blocks = _int(global_blocks, "global_blocks", where)
         random_blocks = _int(random_blocks, "random_blocks", where)
+        check_bool(causal, "causal", where)
         NQ, NKV = -(-Sq // BQ), -(-Skv // BK)
         i = torch.arange(NQ, device=device)[:, None]
         j = torch.arange(NKV, device=device)[None, :]
@@ -389,8 +416,8 @@ class BlockMask:
             top = torch.sort(r, dim=-1, descending=True, stable=True)
             pick = torch.zeros_like(sel).scatter_(-1, top.indices[:, :min(random_blocks, NKV)], True)
             sel = sel | (pick & cand)
-        kind = _kind_from_selection(sel[None, None], Sq, Skv, BQ, BK, bool(causal))
-        return cls._from_kind(kind, None, None, (BQ, BK), (Sq, Skv), bool(causal))
+        kind = _kind_from_selection(sel[None, None], Sq, Skv, BQ, BK, causal)
+        return cls._from_kind(kind, None, None, (BQ, BK), (Sq, Skv), causal)
 
     @classmethod
     def document(cls, document_ids: torch.Tensor, block_size=128, causal=False) -> BlockMask:
@@ -411,6 +438,7 @@ class BlockMask:
             raise ValueError(f"{where}: document_ids must be [S] or [B, S], got shape {tuple(document_ids.shape)}")
         ids = document_ids.reshape(-1, document_ids.shape[-1]).long()
         BQ, BK = _block_size(block_size, where)
+        check_bool(causal, "causal", where)
         Bm, S = ids.shape
         NQ, NKV = -(-S // BQ), -(-S // BK)
         dev = ids.device
@@ -435,7 +463,7 @@ class BlockMask:
         def rule(b, h, q, k):
             return ids[b, q] == ids[b, k]
 
-        return cls._from_rule(rule, full[:, None], overlap[:, None], (BQ, BK), (S, S), bool(causal))
+        return cls._from_rule(rule, full[:, None], overlap[:, None], (BQ, BK), (S, S), causal)
 
     @classmethod
     def topk(cls, block_scores: torch.Tensor, k: int, *, block_size=128, seq_lens=None, causal=False) -> BlockMask:
@@ -459,6 +487,7 @@ class BlockMask:
                              f"{tuple(block_scores.shape)}")
         k = _int(k, "k", where)
         BQ, BK = _block_size(block_size, where)
+        check_bool(causal, "causal", where)
         NQ, NKV = block_scores.shape[-2:]
         Sq, Skv = (NQ * BQ, NKV * BK) if seq_lens is None else _seq_lens(seq_lens, where, "seq_lens")
         _check_grid(where, NQ, NKV, Sq, Skv, BQ, BK)
@@ -470,8 +499,8 @@ class BlockMask:
         kk = min(k, NKV)
         keep = top.values[..., :kk] > float("-inf")
         sel = torch.zeros(s.shape, dtype=torch.bool, device=s.device).scatter_(-1, top.indices[..., :kk], keep)
-        kind = _kind_from_selection(sel, Sq, Skv, BQ, BK, bool(causal))
-        return cls._from_kind(kind, None, None, (BQ, BK), (Sq, Skv), bool(causal))
+        kind = _kind_from_selection(sel, Sq, Skv, BQ, BK, causal)
+        return cls._from_kind(kind, None, None, (BQ, BK), (Sq, Skv), causal)
 
     @classmethod
     def from_flex(cls, flex_block_mask) -> BlockMask:
@@ -479,6 +508,21 @@ class BlockMask:
 
         Its full tiles stay full (kv-tail ones become partial); the elements of its partial tiles come from
         its ``mask_mod``, evaluated on those tiles only and packed into ``partial_bits`` (deduplicated).
+        For a mask from ``create_block_mask(mask_mod, B, H, Sq, Skv)``, ``element_mask()`` equals
+        ``flex_attention.create_mask(mask_mod, B, H, Sq, Skv)`` and the attention equals
+        ``flex_attention(q, k, v, block_mask=flex_block_mask)``.
+
+        The ``mask_mod`` is evaluated exactly as FlexAttention evaluates it: once per element, on 0-d index
+        tensors under ``torch.vmap``, through FlexAttention's own ``create_mask`` (so chained indexing such
+        as ``doc[b][q]`` and reductions such as ``k < pad[b].sum()`` mean what they mean there). Partial
+        tiles go through it in chunks of at most ``_EVAL_ELEMS`` elements, so memory is bounded by the
+        chunk, not by ``B * H * Sq * Skv``. Syncs the host: convert once, outside the attention call.
+
+        >>> from torch.nn.attention.flex_attention import create_block_mask
+        >>> f = create_block_mask(lambda b, h, q, k: k <= q, 1, 1, 200, 200, device="cpu", BLOCK_SIZE=64)
+        >>> m = BlockMask.from_flex(f)
+        >>> m.kv_num_blocks.tolist(), m.full_kv_num_blocks.tolist()
+        ([[[1, 1, 1, 1]]], [[[0, 1, 2, 3]]])
         """
         fa = _flex("BlockMask.from_flex")
         if not isinstance(flex_block_mask, fa.BlockMask):
@@ -497,17 +541,8 @@ class BlockMask:
         partial = torch.zeros_like(kind)
         partial, _ = _scatter_kind(cnt, idx, NKV, _PARTIAL, partial)
         kind, partial = kind[..., :NKV], partial[..., :NKV] > 0
-        mask_mod, dense = fbm.mask_mod, []
-
-        def rule(b, h, q, k):
-            if not dense:
-                try:  # mask_mods written with tensor ops take broadcast index tensors directly
-                    return mask_mod(b, h, q, k)
-                except Exception:  # e.g. python control flow on indices: FlexAttention's own vmap path
-                    dense.append(fa.create_mask(mask_mod, Bm, Hm, Sq, Skv, device=dev))
-            return dense[0][b, h, q, k]
-
-        return cls._from_rule(rule, kind == _FULL, partial & (kind != _FULL), (BQ, BK), (Sq, Skv), False)
+        evaluate = _flex_tile_evaluator(fa, fbm.mask_mod, dev)
+        return cls._from_tiles(evaluate, kind == _FULL, partial & (kind != _FULL), (BQ, BK), (Sq, Skv), False)
 
     def to_flex(self):
         """To ``torch.nn.attention.flex_attention.BlockMask`` with a ``mask_mod`` reproducing :meth:`element_mask`.
@@ -571,13 +606,37 @@ class BlockMask:
     def device(self) -> torch.device:
         return self.kv_indices.device
 
-    def to(self, device) -> BlockMask:
-        """A copy with every tensor on ``device``."""
+    def to(self, device=None, dtype=None, *, non_blocking: bool = False) -> BlockMask:
+        """A copy with every tensor on ``device``: a ``torch.device``, a string (``"cuda:0"``) or a device
+        ordinal, positional or ``device=``; ``non_blocking`` as for ``Tensor.to``.
+
+        Only the device can change: the mask holds int32 block indices, so a dtype (``to(torch.float16)``,
+        ``to(dtype=torch.float32)``, ``to("cuda", torch.half)``) raises ``TypeError`` rather than being
+        ignored, and so does a tensor (``to(q)`` would also mean q's dtype: use ``to(q.device)``).
+
+        >>> BlockMask.causal(128, 64).to("cpu").device
+        device(type='cpu')
+        """
+        where = "BlockMask.to"
+        if dtype is not None or isinstance(device, torch.dtype):
+            got = dtype if dtype is not None else device
+            raise TypeError(f"{where}: dtype={got} is not supported: a BlockMask holds int32 block indices and "
+                            f"only moves between devices (pass a device only)")
+        if isinstance(device, torch.Tensor):
+            raise TypeError(f"{where}: device must be a torch.device, str or int, got a Tensor (pass "
+                            f"tensor.device: to(tensor) would also mean the tensor's dtype)")
+        if device is None or isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
+            raise TypeError(f"{where}: device must be a torch.device, str or int, got {type(device).__name__}")
+        check_bool(non_blocking, "non_blocking", where)
+        try:
+            device = torch.device(device)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"{where}: device={device!r} is not a valid device ({e})") from None
         out = type(self).__new__(type(self))
         out.__dict__.update(self.__dict__)
         for name in self._TENSORS:
             t = getattr(self, name)
-            setattr(out, name, None if t is None else t.to(device))
+            setattr(out, name, None if t is None else t.to(device, non_blocking=non_blocking))
         return out
 
     def to_dense(self) -> torch.Tensor:
@@ -656,6 +715,23 @@ class BlockMask:
 # validation and misc
 
 
+def check_block_mask(value, name: str, where: str) -> BlockMask:
+    """Return ``value`` if it is a :class:`BlockMask`, else raise ``TypeError`` naming ``where`` and ``name``.
+
+    A FlexAttention ``BlockMask`` is refused with the conversion to use, ``st.BlockMask.from_flex(mask)``:
+    converting it implicitly inside an op would evaluate its ``mask_mod`` and sync the host on every call
+    (no CUDA graphs, no ``fullgraph`` compile), so the conversion is done once, by the caller.
+    """
+    if isinstance(value, BlockMask):
+        return value
+    flex = sys.modules.get("torch.nn.attention.flex_attention")  # loaded wherever such a mask exists
+    if flex is not None and isinstance(value, getattr(flex, "BlockMask", ())):
+        raise TypeError(f"{where}: {name} is a FlexAttention BlockMask (torch.nn.attention.flex_attention."
+                        f"BlockMask); convert it once with st.BlockMask.from_flex({name}) and pass the result "
+                        f"(the conversion evaluates its mask_mod and syncs the host, so no op does it per call)")
+    raise TypeError(f"{where}: {name} must be a sparse_triton.BlockMask, got {type(value).__name__}")
+
+
 def _flex(where: str):
     try:
         from torch.nn.attention import flex_attention as fa
@@ -665,6 +741,34 @@ def _flex(where: str):
     if not hasattr(fa, "BlockMask"):
         raise RuntimeError(f"{where}: this torch ({torch.__version__}) has no flex_attention.BlockMask")
     return fa
+
+
+def _flex_tile_evaluator(fa, mask_mod, device):
+    """``evaluate(t, q, k)`` for :meth:`BlockMask._from_tiles` that runs a FlexAttention ``mask_mod`` per element.
+
+    FlexAttention defines a ``mask_mod`` through ``create_mask``: ``torch.vmap`` over each of b, h, q, kv
+    (the function sees 0-d index tensors, one element at a time) under a mode that turns tensor indexing
+    into vmappable ops. Calling a ``mask_mod`` on broadcast index tensors instead changes what it means
+    (``pad[b].sum()`` sums a whole batch of rows; ``doc[b][q]`` indexes the wrong dimension). So the tiles
+    go through ``create_mask`` itself, relabelled: its "batch" enumerates the chunk's tiles and its
+    ``(Q_LEN, KV_LEN) = (BQ, BK)`` grid the positions in a tile, mapped back to the tile's
+    ``(b, h, q, k)`` by 0-d lookups the same vmap evaluates. The result has ``n * BQ * BK`` elements.
+
+    All tiles of a chunk share their batch index (``_from_tiles`` splits chunks there), and ``b`` is passed
+    as that one 0-d tensor, not batched over the tiles: a ``mask_mod`` indexing a captured ``[B, S]``
+    tensor with ``b`` (``doc[b][q]``) then materializes one ``[S]`` row, not one per tile.
+    """
+
+    def evaluate(t, q, k):
+        n, BQ, BK = t.shape[0], q.shape[1], k.shape[2]
+        b, th, tq, tk = t[0, 0], t[:, 1], q[:, :, 0], k[:, 0, :]  # 0-d, [n], [n, BQ], [n, BK]
+
+        def per_element(i, _, r, c):  # i: tile, r / c: row / column in the tile (0-d tensors under vmap)
+            return mask_mod(b, th[i], tq[i][r], tk[i][c])
+
+        return fa.create_mask(per_element, n, 1, BQ, BK, device=device)[:, 0].bool()  # [n, BQ, BK]
+
+    return evaluate
 
 
 def _eval_rule(rule, b, h, q, k, shape) -> torch.Tensor:
@@ -703,14 +807,12 @@ def _check_list(cnt, idx, prefix: str) -> None:
                          f"{prefix}kv_num_blocks entries")
 
 
-def _validate_lists(cnt, idx, fcnt, fidx, bits, slot, causal, BQ, BK) -> None:
+def _validate_lists(cnt, idx, fcnt, fidx, bits, slot, BQ, BK) -> None:
     _check_int_tensor(cnt, "kv_num_blocks", 3)
     _check_int_tensor(idx, "kv_indices", 4)
     if tuple(cnt.shape) != tuple(idx.shape[:3]):
         raise ValueError(f"BlockMask: kv_num_blocks.shape={tuple(cnt.shape)} must equal kv_indices.shape[:3]="
                          f"{tuple(idx.shape[:3])}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"BlockMask: causal must be a bool, got {type(causal).__name__}")
     B, H, NQ, NKV = idx.shape
     _check_list(cnt, idx, "")
     if (fcnt is None) != (fidx is None):

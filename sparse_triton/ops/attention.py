@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.block_mask import BlockMask
+from ..formats._checks import check_bool
+from ..formats.block_mask import BlockMask, check_block_mask
 from ..kernels import attention as kernel
 from ..kernels import attention_decode as decode_kernel
 from ..reference import attention as reference
@@ -120,8 +121,7 @@ def _check(q, k, v, block_mask, scale, causal, where: str) -> None:
     Hkv = k.shape[1]
     if Hkv == 0 or Hq % Hkv:
         raise ValueError(f"{where}: q has {Hq} heads, not a multiple of k/v's {Hkv} heads (GQA needs Hq % Hkv == 0)")
-    if not isinstance(block_mask, BlockMask):
-        raise TypeError(f"{where}: block_mask must be a sparse_triton.BlockMask, got {type(block_mask).__name__}")
+    check_block_mask(block_mask, "block_mask", where)
     block_mask.check_compatible(where, B, Hq, Sq, k.shape[2])
     if block_mask.device != q.device:
         raise ValueError(f"{where}: device mismatch, block_mask is on {block_mask.device} but q is on {q.device}")
@@ -140,8 +140,7 @@ def _check(q, k, v, block_mask, scale, causal, where: str) -> None:
         raise ValueError(f"{where}: head dim D={D} is not supported (supported: {kernel.HEAD_DIMS})")
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"{where}: scale must be a float or None, got {type(scale).__name__}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"{where}: causal must be a bool, got {type(causal).__name__}")
+    check_bool(causal, "causal", where)
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, *,
@@ -161,6 +160,11 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     the pure-torch reference. Mask blocks (BQ, BK) are 64 or 128; decode (``Sq <= 16``, no gradient) also
     takes 16 and 32.
 
+    ``block_mask`` must be a ``sparse_triton.BlockMask``: a FlexAttention ``BlockMask`` raises ``TypeError``
+    naming ``st.BlockMask.from_flex(block_mask)``, the conversion to run once outside the call (it
+    evaluates the ``mask_mod`` and syncs the host, which an op must not do per call). ``causal`` and
+    ``return_lse`` take Python bools only (``TypeError`` otherwise).
+
     >>> import sparse_triton as st
     >>> q = k = v = torch.randn(1, 2, 256, 64)
     >>> mask = st.BlockMask.sliding_window(256, window=64, block_size=64)
@@ -169,6 +173,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     """
     where = "block_sparse_attention"
     _check(q, k, v, block_mask, scale, causal, where)
+    check_bool(return_lse, "return_lse", where)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     BQ, BK = block_mask.block_size
     args = (block_mask._parts(), BQ, BK, block_mask.causal, scale, causal)

@@ -1,0 +1,34 @@
+"""Argument checks shared by every layer.
+
+formats/ is the lowest layer (DESIGN.md, "Layers"), so kernels/, ops/ and nn/ may all import from here.
+Each check raises with the message convention of the package: ``"<where>: <name> must be ..., got ..."``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["check_bool"]
+
+
+def _brief(value) -> str:
+    """``type repr`` of ``value``, the repr cut short (a tensor's repr can be long)."""
+    r = repr(value)
+    return f"{type(value).__name__} {r if len(r) <= 40 else r[:37] + '...'}"
+
+
+def check_bool(value, name: str, where: str) -> bool:
+    """Return ``value`` if it is a Python ``bool``, else raise ``TypeError`` naming ``where`` and ``name``.
+
+    Only ``True`` and ``False`` pass. Ints (``1``), strings (``"no"`` is truthy), numpy bools and torch
+    tensors (even 0-d bool ones) are refused: truth-testing them would hide a wrong argument, and
+    ``bool()`` of a CUDA tensor syncs the host.
+
+    >>> check_bool(True, "causal", "f")
+    True
+    >>> check_bool(1, "causal", "f")
+    Traceback (most recent call last):
+    ...
+    TypeError: f: causal must be a bool (True or False), got int 1
+    """
+    if value is True or value is False:  # bool cannot be subclassed: exactly the two Python bools
+        return value
+    raise TypeError(f"{where}: {name} must be a bool (True or False), got {_brief(value)}")
