@@ -89,11 +89,31 @@ def _check_method(method, where: str) -> None:
         raise ValueError(f"{where}: method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
 
 
+def _fp32_threshold(t, fqn: str) -> torch.Tensor:
+    """``t`` (a number, list or tensor) as a new float32 CPU tensor, rounded to nearest, checked."""
+    # Python numbers are read in float64 first, so that a value beyond float32 range is reported as such.
+    src = t.detach().cpu() if isinstance(t, torch.Tensor) else torch.as_tensor(t, dtype=torch.float64)
+    if src.dim() > 1:
+        raise ValueError(f"Thresholds: {fqn!r} must be a scalar or a [K] tensor, got shape {list(src.shape)}")
+    if src.dtype == torch.bool or src.is_complex():
+        raise TypeError(f"Thresholds: the threshold of {fqn!r} must be real numbers, got dtype={src.dtype}")
+    t32 = src.to(torch.float32) + 0.0  # a copy; -0.0 -> 0.0
+    bad = ~torch.isfinite(t32) | (src < 0)
+    if bool(bad.any()):
+        v = src[bad][0].item()
+        why = (", which is beyond float32 range (it rounds to inf; thresholds are compared in float32)"
+               if math.isfinite(v) and v >= 0 else "")
+        raise ValueError(f"Thresholds: threshold of {fqn!r} must be finite and non-negative, got {v}{why}")
+    return t32
+
+
 class Thresholds(Mapping):
     """Calibrated thresholds: layer fqn -> float32 tensor (``[]`` for magnitude, ``[K]`` per channel).
 
-    Also carries the ``sparsity`` and ``method`` they were calibrated for. Read-only mapping; values
-    are checked to be finite and non-negative. See the module docstring for the JSON format.
+    Also carries the ``sparsity`` and ``method`` they were calibrated for. Read-only mapping. Values are
+    rounded to the nearest float32 (the precision the comparison ``|x| > t`` is made in everywhere) and
+    must be >= 0 and finite after the rounding: a value beyond float32 range (e.g. ``1e39``, or an fp64
+    ``1e300``) raises ``ValueError``. See the module docstring for the JSON format.
 
     >>> th = Thresholds({"mlp.up_proj": 0.25, "mlp.down_proj": [0.5, 0.125]}, sparsity=0.5, method="per_channel")
     >>> th.subset("mlp")["down_proj"]
@@ -109,12 +129,7 @@ class Thresholds(Mapping):
         for fqn, t in thresholds.items():
             if not isinstance(fqn, str):
                 raise TypeError(f"Thresholds: layer names must be str, got {fqn!r}")
-            t = torch.as_tensor(t).detach().to("cpu", torch.float32) + 0.0  # a copy; -0.0 -> 0.0
-            if t.dim() > 1:
-                raise ValueError(f"Thresholds: {fqn!r} must be a scalar or a [K] tensor, got shape {list(t.shape)}")
-            if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
-                raise ValueError(f"Thresholds: {fqn!r} must be finite and non-negative, got {t}")
-            values[fqn] = t
+            values[fqn] = _fp32_threshold(t, fqn)
         self._init(values, float(sparsity), method)
 
     def _init(self, values: dict[str, torch.Tensor], sparsity: float, method: str) -> None:
@@ -222,7 +237,7 @@ class _Histogram:
         self.rows = 0
 
     def update(self, v: torch.Tensor) -> None:
-        """Add ``v[R, C]`` (float32, non-negative or NaN/inf) to the counts."""
+        """Add ``v[R, C]`` (float32, non-negative or NaN/inf, any strides) to the counts."""
         C, W = self.channels, self.window
         if v.numel() == 0:
             return
@@ -241,7 +256,7 @@ class _Histogram:
         idx = torch.where(v == 0, 0, torch.where(finite, idx, torch.where(torch.isnan(v), W + 3, W + 2)))
         if C > 1:
             idx += torch.arange(C, device=v.device) * (W + 4)
-        hist = torch.bincount(idx.view(-1), minlength=C * (W + 4))
+        hist = torch.bincount(idx.reshape(-1), minlength=C * (W + 4))
         self.counts += hist.view(C, W + 4).to(self.counts.dtype)
 
     def _slide(self, base: int) -> None:
@@ -380,7 +395,9 @@ def calibrate_thresholds(model: nn.Module, batches: Iterable, sparsity: float = 
             if max_samples is not None:
                 v = v[:max(0, max_samples - rows.get(fqn, 0))]
             rows[fqn] = rows.get(fqn, 0) + v.shape[0]
-            v = v.float().abs()  # a new tensor: safe to view as int32
+            # Any layout reaches a hook (a transposed or sliced activation): the histogram reads rows of a
+            # contiguous float32 copy. abs() makes the tensor new, so viewing its bits as int32 is safe.
+            v = v.to(torch.float32, memory_format=torch.contiguous_format).abs()
             hist.update(v if method == "per_channel" else v.reshape(-1, 1))
 
         return hook

@@ -10,7 +10,14 @@ whose magnitude is at most ``t`` is skipped, and its weight row is never read (s
 Weights are stored input-major: ``weight`` has shape ``[out_features, in_features]`` like
 ``nn.Linear``'s, but is a view of a contiguous ``[in_features, out_features]`` tensor
 (``weight.t().is_contiguous()``), the layout the kernels read without a copy. Loading a state dict,
-``.to()``, ``.half()`` and ``load_state_dict(..., assign=True)`` keep (or restore) that layout.
+``.to()``, ``.half()`` and ``load_state_dict(..., assign=True)`` keep (or restore) that layout. Nothing
+is derived from the weight and kept beside it, so no write to it (``.data`` included) can leave a stale
+copy; a weight put in another layout through ``.data`` still computes correctly, on the dense product.
+
+``load_state_dict`` checks every entry of the module (shapes, dtypes, thresholds; for ``ActSparseMLP``
+all three projections and the shared input threshold) before it copies anything, so a load that raises
+leaves the module unchanged. The modules build, print and ``to_empty`` on the meta device, pickle, and
+``copy.deepcopy``.
 """
 
 from __future__ import annotations
@@ -23,24 +30,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..formats._checks import check_bool
 from ..ops.act_sparse import act_sparse_linear, act_sparse_mlp, check_threshold, input_major
 from ..reference.act_sparse import ACTIVATIONS, activate
 
 __all__ = ["ActSparseLinear", "ActSparseMLP", "detect_activation"]
 
 
-def _threshold_tensor(threshold, K: int, device: torch.device, where: str, name: str = "threshold") -> torch.Tensor:
-    """A validated float32 threshold (``[]`` or ``[K]``) on ``device``, in storage of its own."""
+def _threshold_tensor(threshold, K: int, device, where: str, name: str = "threshold") -> torch.Tensor:
+    """A validated float32 threshold (``[]`` or ``[K]``) on ``device`` (None: where a tensor threshold
+    already is, the CPU for a float), in storage of its own. Values are checked where they are (on the
+    meta device there are none to check), then copied."""
+    src = threshold.device if isinstance(threshold, torch.Tensor) else torch.device("cpu")
     if isinstance(threshold, torch.Tensor):
-        if not threshold.is_floating_point():
-            raise TypeError(f"{where}: {name} must be a floating-point tensor, got dtype={threshold.dtype}")
-        threshold = threshold.detach().to(device)
-    return check_threshold(threshold, K, torch.device(device), where, name).clone()
+        threshold = threshold.detach()
+    t = check_threshold(threshold, K, src, where, name)
+    return t.to(device=src if device is None else device, dtype=torch.float32, copy=True)
+
+
+def _same_threshold(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two thresholds (``[]`` or ``[K]``) select the same inputs; True where either is on meta."""
+    if a.device.type == "meta" or b.device.type == "meta":
+        return True
+    return torch.equal(*torch.broadcast_tensors(a.cpu(), b.cpu()))
 
 
 def _autocast(device_type: str, *tensors):
     """``tensors`` in the autocast dtype when autocast is on for ``device_type`` (else unchanged)."""
-    if not torch.is_autocast_enabled(device_type):
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors)
@@ -66,6 +83,7 @@ class ActSparseLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, threshold=0.0,
                  device=None, dtype=None):
         super().__init__()
+        check_bool(bias, "bias", "ActSparseLinear")
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"ActSparseLinear: {name} must be an int, got {type(v).__name__}")
@@ -94,8 +112,8 @@ class ActSparseLinear(nn.Module):
     def from_dense(cls, linear: nn.Linear, threshold=0.0) -> ActSparseLinear:
         """An ``ActSparseLinear`` with ``linear``'s weight (copied input-major), bias, dtype and device.
 
-        threshold: a float or a float tensor ``[]`` / ``[in_features]`` (finite, >= 0); stored as float32
-        on the weight's device.
+        threshold: a float or a float tensor ``[]`` / ``[in_features]`` (finite, >= 0, within float32
+        range); stored as float32 (rounded to nearest) on the weight's device.
         """
         where = "ActSparseLinear.from_dense"
         if not isinstance(linear, nn.Linear):
@@ -115,7 +133,8 @@ class ActSparseLinear(nn.Module):
         return self
 
     def set_threshold(self, threshold) -> None:
-        """Replace the threshold (float or float tensor ``[]`` / ``[in_features]``, finite, >= 0).
+        """Replace the threshold (float or float tensor ``[]`` / ``[in_features]``, finite, >= 0, within
+        float32 range; stored as float32, rounded to nearest).
 
         A threshold of the current shape is copied in place, so a captured CUDA graph sees the new value.
         """
@@ -161,27 +180,62 @@ class ActSparseLinear(nn.Module):
         self._restore_layout()
         return self
 
+    def _check_state_dict(self, state_dict, prefix: str, assign: bool) -> torch.Tensor | None:
+        """Validate this module's entries of ``state_dict`` (those present) before anything is copied;
+        returns the checkpoint's threshold (None if absent)."""
+        where = "ActSparseLinear"
+        expected = {"weight": (self.out_features, self.in_features)}
+        if self.bias is not None:
+            expected["bias"] = (self.out_features,)
+        got = {}
+        for name, shape in expected.items():
+            key = f"state_dict['{prefix}{name}']"
+            t = state_dict.get(prefix + name)
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{where}: {key} must be a tensor, got {type(t).__name__}")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{where}: {key} has shape {tuple(t.shape)}, expected {shape}")
+            if not t.is_floating_point():
+                raise ValueError(f"{where}: {key} must be floating point, got {t.dtype}")
+            got[name] = t
+        key = prefix + "threshold"
+        t = state_dict.get(key)
+        if t is not None:
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{where}: state_dict['{key}'] must be a tensor, got {type(t).__name__}")
+            # Values and kind; a scalar <-> per-channel change resizes the buffer (after every check).
+            _threshold_tensor(t, self.in_features, None, f"{where}: state_dict['{key}']")
+        if assign:
+            final = {name: got.get(name, getattr(self, name)) for name in expected}
+            if len({w.dtype for w in final.values()}) > 1 or len({w.device for w in final.values()}) > 1:
+                desc = ", ".join(f"{name}: {w.dtype} on {w.device}" for name, w in final.items())
+                raise ValueError(f"{where}: load_state_dict(assign=True) would leave {desc}; weight and bias need "
+                                 "one dtype and one device")
+        return t
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         key = prefix + "threshold"
-        t = state_dict.get(key)
-        if isinstance(t, torch.Tensor):
-            # Validates the values and the kind; a scalar <-> per-channel change resizes the buffer.
-            _threshold_tensor(t, self.in_features, t.device, f"ActSparseLinear: state_dict['{key}']")
-            if t.shape != self.threshold.shape:
-                self._buffers["threshold"] = torch.empty(t.shape, dtype=torch.float32, device=self.threshold.device)
+        t = self._check_state_dict(state_dict, prefix, bool(local_metadata.get("assign_to_params_buffers", False)))
+        if t is not None and t.shape != self.threshold.shape:
+            self._buffers["threshold"] = torch.empty(t.shape, dtype=torch.float32, device=self.threshold.device)
         n_missing = len(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         if key in missing_keys[n_missing:]:
             missing_keys.remove(key)  # an nn.Linear checkpoint: keep the current threshold
-        if self.threshold.dtype != torch.float32:
-            self._buffers["threshold"] = self.threshold.float()  # load_state_dict(assign=True)
+        th = self.threshold
+        if th.dtype != torch.float32 or th.device != self.weight.device:  # load_state_dict(assign=True)
+            self._buffers["threshold"] = th.to(self.weight.device, torch.float32)
         self._restore_layout()
 
     def extra_repr(self) -> str:
         t = self.threshold
-        if t.dim() == 0:
+        if t.device.type == "meta":
+            th = "threshold=meta" if t.dim() == 0 else f"threshold=per_channel[{t.numel()}] (meta)"
+        elif t.dim() == 0:
             th = f"threshold={t.item():.4g}"
         elif t.numel():
             th = f"threshold=per_channel[{t.numel()}] (mean={t.mean().item():.4g}, max={t.max().item():.4g})"
@@ -264,7 +318,6 @@ class ActSparseMLP(nn.Module):
         self.act_fn = _ACT_MODULES[activation]()
         self.hidden_size, self.intermediate_size, self.activation = hidden_size, intermediate_size, activation
         self._dense_cls, self._dense_attrs = None, {}
-        self._register_checks()
 
     @classmethod
     def from_dense(cls, mlp: nn.Module, thresholds: Mapping, activation: str | None = None) -> ActSparseMLP:
@@ -318,14 +371,14 @@ class ActSparseMLP(nn.Module):
         if missing:
             raise ValueError(f"{where}: thresholds has no {' or '.join(map(repr, missing))} "
                              f"(keys: {sorted(thresholds)})")
-        device = gate.weight.device
-        t_in = _threshold_tensor(thresholds["gate_proj"], H, device, where, "thresholds['gate_proj']")
+        # Checked where they are (a meta model can take real thresholds); each projection copies its own.
+        t_in = _threshold_tensor(thresholds["gate_proj"], H, None, where, "thresholds['gate_proj']")
         if "up_proj" in thresholds:
-            t_up = _threshold_tensor(thresholds["up_proj"], H, device, where, "thresholds['up_proj']")
-            if not torch.equal(*torch.broadcast_tensors(t_in, t_up)):
+            t_up = _threshold_tensor(thresholds["up_proj"], H, None, where, "thresholds['up_proj']")
+            if not _same_threshold(t_in, t_up):
                 raise ValueError(f"{where}: thresholds['up_proj'] differs from thresholds['gate_proj']; gate_proj "
                                  "and up_proj read the same input and share one active set, so they need one threshold")
-        t_mid = _threshold_tensor(thresholds["down_proj"], I, down.weight.device, where, "thresholds['down_proj']")
+        t_mid = _threshold_tensor(thresholds["down_proj"], I, None, where, "thresholds['down_proj']")
 
         self = cls.__new__(cls)
         nn.Module.__init__(self)
@@ -338,19 +391,38 @@ class ActSparseMLP(nn.Module):
         self._dense_cls = type(mlp)
         self._dense_attrs = {k: v for k, v in vars(mlp).items() if not k.startswith("_") and k != "training"}
         self.train(mlp.training)
-        self._register_checks()
         return self
 
-    def _register_checks(self) -> None:
-        self.register_load_state_dict_post_hook(_check_shared_threshold)
-
     def set_thresholds(self, threshold_in=None, threshold_mid=None) -> None:
-        """Set the input threshold (gate and up) and/or the intermediate threshold (down); ``None`` keeps it."""
+        """Set the input threshold (gate and up) and/or the intermediate threshold (down); ``None`` keeps it.
+        Both are checked before either is set."""
+        where = "ActSparseMLP.set_thresholds"
+        if threshold_in is not None:
+            threshold_in = _threshold_tensor(threshold_in, self.hidden_size, None, where, "threshold_in")
+        if threshold_mid is not None:
+            threshold_mid = _threshold_tensor(threshold_mid, self.intermediate_size, None, where, "threshold_mid")
         if threshold_in is not None:
             self.gate_proj.set_threshold(threshold_in)
             self.up_proj.set_threshold(threshold_in)
         if threshold_mid is not None:
             self.down_proj.set_threshold(threshold_mid)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Runs before the projections load theirs: check all three (and the shared input threshold) first,
+        # so that a bad down_proj entry cannot leave gate_proj and up_proj loaded.
+        assign = bool(local_metadata.get("assign_to_params_buffers", False))
+        loaded = {}
+        for name in _PROJ:
+            proj = getattr(self, name)
+            t = proj._check_state_dict(state_dict, f"{prefix}{name}.", assign)
+            loaded[name] = proj.threshold if t is None else t
+        if not _same_threshold(loaded["gate_proj"].detach().float(), loaded["up_proj"].detach().float()):
+            raise ValueError(f"ActSparseMLP: the loaded up_proj.threshold differs from gate_proj.threshold (state_dict "
+                             f"keys '{prefix}gate_proj.threshold', '{prefix}up_proj.threshold'); gate_proj and up_proj "
+                             "share one active set, so they need one threshold")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = self.gate_proj, self.up_proj, self.down_proj
@@ -380,10 +452,3 @@ class ActSparseMLP(nn.Module):
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
                 f"activation={self.activation!r}")
-
-
-def _check_shared_threshold(module: ActSparseMLP, incompatible_keys) -> None:
-    g, u = module.gate_proj.threshold, module.up_proj.threshold
-    if not torch.equal(*torch.broadcast_tensors(g, u)):
-        raise ValueError("ActSparseMLP: the loaded up_proj.threshold differs from gate_proj.threshold; gate_proj "
-                         "and up_proj share one active set, so they need one threshold")

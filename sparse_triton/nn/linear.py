@@ -7,7 +7,9 @@ import math
 import torch
 from torch import nn
 
+from ..formats._checks import check_bool
 from ..formats.nm import NMSparsity, NMTensor, indices_per_word, nm_compress
+from ..ops._prepared import clear_weight_cache
 from ..ops.nm_linear import _check_input, linear_compressed
 
 TWO_FOUR = NMSparsity(2, 4)
@@ -20,6 +22,13 @@ class SparseLinear(nn.Module):
     mask is the int32 buffer ``indices`` (bit-packed positions, see ``sparse_triton.formats.nm``), so
     fine-tuning keeps the sparsity pattern fixed. Forward and backward run the Triton kernels on CUDA.
 
+    Where the tuner picks dense cuBLAS for a shape, a dense copy of the weight is kept while the weight is
+    seen to be unchanged (``sparse_triton.ops._prepared``): after writing ``values`` or ``indices`` through
+    ``.data`` (or anything else that bypasses PyTorch's version counter) call
+    ``st.ops.clear_weight_cache(module)``. ``load_state_dict`` and ``.to()`` drop the copy themselves.
+    ``load_state_dict`` checks every entry of this module (shapes, dtypes, the packed positions; ``values``
+    and ``indices`` only together) before it copies anything, so a load that raises leaves it unchanged.
+
     >>> import sparse_triton as st
     >>> lin = torch.nn.Linear(64, 32)
     >>> sp = st.nn.SparseLinear.from_dense(lin, st.NMSparsity(2, 4))
@@ -30,6 +39,7 @@ class SparseLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  sparsity: NMSparsity = TWO_FOUR, device=None, dtype=None):
         super().__init__()
+        check_bool(bias, "bias", "SparseLinear")
         if not isinstance(sparsity, NMSparsity):
             raise TypeError(f"SparseLinear: sparsity must be an NMSparsity, got {type(sparsity).__name__}")
         for name, v in (("in_features", in_features), ("out_features", out_features)):
@@ -87,7 +97,8 @@ class SparseLinear(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         values, bias = self.values, self.bias
         device_type = values.device.type
-        if torch.is_autocast_enabled(device_type) and input.is_floating_point():
+        if (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+                and input.is_floating_point()):
             # Mixed precision like nn.Linear under autocast: compute in the autocast dtype.
             dtype = torch.get_autocast_dtype(device_type)
             input, values = input.to(dtype), values.to(dtype)
@@ -106,32 +117,70 @@ class SparseLinear(nn.Module):
                 lin.bias.copy_(self.bias)
         return lin
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        # A corrupted or foreign checkpoint must fail loudly, naming what is wrong, before any copy.
+    # ----------------------------------------------------------------------------- loading and moving
+
+    def _check_state_dict(self, state_dict, prefix: str, assign: bool) -> None:
+        """Validate this module's entries of ``state_dict`` (those present), before anything is copied."""
+        where = "SparseLinear"
         n, m = self.sparsity.n, self.sparsity.m
         S = NMTensor.slots_for(self.in_features, n, m)
-        expected = {"values": (self.out_features, S),
-                    "indices": (self.out_features, -(-S // indices_per_word(m)))}
+        expected = {"values": (self.out_features, S), "indices": (self.out_features, -(-S // indices_per_word(m)))}
+        if self.bias is not None:
+            expected["bias"] = (self.out_features,)
+        got = {}
         for name, shape in expected.items():
+            key = f"state_dict['{prefix}{name}']"
             t = state_dict.get(prefix + name)
-            if t is not None and tuple(t.shape) != shape:
-                raise ValueError(
-                    f"SparseLinear: state_dict['{prefix}{name}'] has shape {tuple(t.shape)}, expected {shape} "
-                    f"for a {self.out_features}x{self.in_features} weight at {n}:{m}")
-        idx = state_dict.get(prefix + "indices")
-        if idx is not None:
-            if idx.dtype != torch.int32:
-                raise ValueError(f"SparseLinear: state_dict['{prefix}indices'] must be int32, got {idx.dtype}")
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{where}: {key} must be a tensor, got {type(t).__name__}")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{where}: {key} has shape {tuple(t.shape)}, expected {shape} "
+                                 f"for a {self.out_features}x{self.in_features} weight at {n}:{m}")
+            if name == "indices":
+                if t.dtype != torch.int32:
+                    raise ValueError(f"{where}: {key} must be int32, got {t.dtype}")
+            elif not t.is_floating_point():
+                raise ValueError(f"{where}: {key} must be floating point, got {t.dtype}")
+            got[name] = t
+        if ("values" in got) != ("indices" in got):
+            have, lack = ("values", "indices") if "values" in got else ("indices", "values")
+            raise ValueError(f"{where}: state_dict has '{prefix}{have}' but no '{prefix}{lack}'; the two describe "
+                             "one N:M weight (kept elements and their positions) and load together")
+        idx = got.get("indices")
+        if idx is not None and idx.device.type != "meta":
             # Positions out of range or out of order would make the kernels and to_dense() disagree.
             proto = NMTensor(idx.new_zeros(expected["values"], dtype=torch.float32), idx,
                              (self.out_features, self.in_features), n, m, dim=1)
             try:
                 proto.validate()
             except ValueError as e:
-                raise ValueError(f"SparseLinear: state_dict['{prefix}indices'] is corrupted: {e}") from None
+                raise ValueError(f"{where}: state_dict['{prefix}indices'] is corrupted: {e}") from None
+        if assign:
+            # The tensors become the module's own: one floating dtype and one device for all of them.
+            final = {name: got.get(name, getattr(self, name)) for name in expected}
+            dtypes = {name: t.dtype for name, t in final.items() if name != "indices"}
+            devices = {name: t.device for name, t in final.items()}
+            if len(set(dtypes.values())) > 1 or len(set(devices.values())) > 1:
+                desc = ", ".join(f"{name}: {dtypes.get(name, torch.int32)} on {devices[name]}" for name in final)
+                raise ValueError(f"{where}: load_state_dict(assign=True) would leave {desc}; values and bias need one "
+                                 "dtype, and all of them one device")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A corrupted or foreign checkpoint must fail loudly, naming what is wrong, before any copy.
+        self._check_state_dict(state_dict, prefix, bool(local_metadata.get("assign_to_params_buffers", False)))
+        old = (self.values, self.indices)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        clear_weight_cache(*old, self.values, self.indices)  # a dense copy of the old weight: drop it now
+
+    def _apply(self, fn, recurse=True):
+        old = (self.values, self.indices)
+        super()._apply(fn, recurse)
+        clear_weight_cache(*old, self.values, self.indices)
+        return self
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
+from collections import OrderedDict
 
 import torch
 
@@ -26,7 +27,6 @@ from ..reference import act_sparse as reference
 from ..tuning.tuner import default_tuner
 from . import act_sparse_tuning as tuned
 from ._dispatch import use_kernels
-from ._prepared import prepared
 from .nm_linear import _check_bias, _check_input
 
 NM_KERNEL_M = (2, 4, 8, 16)
@@ -49,13 +49,11 @@ def input_major(weight: torch.Tensor) -> torch.Tensor:
     return weight if weight.t().is_contiguous() else weight.t().contiguous().t()
 
 
-def _weight_t(weight: torch.Tensor) -> torch.Tensor:
-    """``W^T[K, N]`` with unit column stride: a view of an input-major weight, else a transposed copy
-    kept while the weight is unchanged."""
-    wt = weight.t()
-    if wt.stride(1) == 1:
-        return wt
-    return prepared(weight, None, "input_major", lambda: wt.contiguous())
+def _is_input_major(weight: torch.Tensor) -> bool:
+    """Whether ``weight[N, K]`` is stored input-major (``W^T`` rows are contiguous), the layout the kernels
+    read. Any other layout runs the masked dense product: the kernels would need a transposed copy, and a
+    kept copy goes stale when the weight is written where the version counter cannot see (``.data``)."""
+    return weight.stride(0) == 1 or weight.shape[0] <= 1
 
 
 # ------------------------------------------------------------------------------------------------ custom ops
@@ -65,11 +63,11 @@ def _weight_t(weight: torch.Tensor) -> torch.Tensor:
 def act_sparse_linear_fwd(x: torch.Tensor, weight: torch.Tensor, threshold: torch.Tensor,
                           bias: torch.Tensor | None) -> torch.Tensor:
     """``y[M, N] = (x * (|x| > t))[M, K] @ weight[N, K]^T (+ bias)``; t fp32 ``[]`` or ``[K]``."""
-    if not _kernels_for(x):
-        if use_kernels(x):  # past the union rule's range: dense on the masked input
+    if not _kernels_for(x) or not _is_input_major(weight):
+        if use_kernels(x):  # past the union rule's range, or not input-major: dense on the masked input
             return tuned.run_mm(tuned.DENSE, x, weight.t(), threshold, bias)
         return reference.act_sparse_matmul(x, weight, threshold, bias)
-    wt = _weight_t(weight)
+    wt = weight.t()
     key = tuned.fwd_key(x, wt.shape[1], wt.shape[0], bias is not None, threshold)
     cand = default_tuner().choose(tuned.FWD, key, x.device)
     return tuned.run_mm(cand, x, wt, threshold, bias)
@@ -133,12 +131,18 @@ def act_sparse_mlp_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor
             h = tuned.run_gate_up(tuned.DENSE, x, w_gate.t(), w_up.t(), threshold_in, activation)
             return tuned.run_mm(tuned.DENSE, h, w_down.t(), threshold_mid, None)
         return reference.act_sparse_mlp(x, w_gate, w_up, w_down, threshold_in, threshold_mid, activation)
-    wg_t, wu_t, wd_t = _weight_t(w_gate), _weight_t(w_up), _weight_t(w_down)
-    key = tuned.gate_up_key(x, wg_t.shape[1], wg_t.shape[0], activation, threshold_in)
-    h = tuned.run_gate_up(default_tuner().choose(tuned.GATE_UP, key, x.device), x, wg_t, wu_t, threshold_in,
-                          activation)
-    key = tuned.fwd_key(h, wd_t.shape[1], wd_t.shape[0], False, threshold_mid)
-    return tuned.run_mm(default_tuner().choose(tuned.FWD, key, x.device), h, wd_t, threshold_mid, None)
+    # Each projection runs a kernel if its weight is stored input-major, else the masked dense product.
+    wg_t, wu_t, wd_t = w_gate.t(), w_up.t(), w_down.t()
+    cand = tuned.DENSE
+    if _is_input_major(w_gate) and _is_input_major(w_up):
+        key = tuned.gate_up_key(x, wg_t.shape[1], wg_t.shape[0], activation, threshold_in)
+        cand = default_tuner().choose(tuned.GATE_UP, key, x.device)
+    h = tuned.run_gate_up(cand, x, wg_t, wu_t, threshold_in, activation)
+    cand = tuned.DENSE
+    if _is_input_major(w_down):
+        key = tuned.fwd_key(h, wd_t.shape[1], wd_t.shape[0], False, threshold_mid)
+        cand = default_tuner().choose(tuned.FWD, key, x.device)
+    return tuned.run_mm(cand, h, wd_t, threshold_mid, None)
 
 
 @act_sparse_mlp_fwd.register_fake
@@ -174,22 +178,55 @@ class ActSparseLinearFunction(torch.autograd.Function):
 
 # ------------------------------------------------------------------------------------------------ validation
 
+# Values from this one on round to inf in float32 (round to nearest: the midpoint between the largest
+# float32, 2**128 - 2**104, and 2**128 rounds up, its last mantissa bit being odd).
+_FP32_OVERFLOW = 2.0**128 - 2.0**103
+_FP32_MAX = torch.finfo(torch.float32).max
+# Python-float thresholds become cached fp32 scalar tensors, the most recently used SCALAR_CACHE_SIZE of
+# them (per value and device): a float threshold costs no allocation per call, and a program that sweeps
+# thresholds does not grow the cache. An evicted value is made again on its next use. A cached scalar is
+# never read during CUDA-graph capture (a graph gets a scalar of its own, filled on each replay), so
+# eviction never frees memory a graph reads.
+SCALAR_CACHE_SIZE = 256
+
 _scalar_lock = threading.Lock()
-# Kept for the process's life: a captured CUDA graph may hold a scalar's address.
-_scalars: dict[tuple, torch.Tensor] = {}
+_scalars: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 _checked: dict[int, tuple[weakref.ref, tuple]] = {}
 
 
-def _scalar(value: float, device: torch.device) -> torch.Tensor:
-    """A cached fp32 scalar tensor (a Python threshold costs no copy per call; each distinct value is kept).
-    One made during CUDA-graph capture holds its value only once the graph runs, so it is never cached."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.full((), float(value), dtype=torch.float32, device=device)
-    key = (float(value), device)
+def _float_threshold(value, where: str, name: str) -> float:
+    """A Python number threshold as a float, checked: finite, >= 0 and finite once rounded to float32."""
+    try:
+        v = float(value)
+    except OverflowError:  # an int beyond float64
+        v = math.inf if value > 0 else -math.inf
+    shown = repr(value) if len(repr(value)) <= 24 else repr(value)[:21] + "..."
+    if math.isnan(v) or v < 0 or (math.isinf(v) and isinstance(value, float)):
+        raise ValueError(f"{where}: {name} must be finite and >= 0, got {shown}")
+    if v >= _FP32_OVERFLOW:
+        raise ValueError(f"{where}: {name} must be finite and >= 0, got {shown}, which is beyond float32 range "
+                         "(it rounds to inf; thresholds are compared in float32)")
+    return min(v, _FP32_MAX)  # between the largest float32 and the overflow edge: rounds to the largest
+
+
+def _scalar(value: float, device: torch.device, where: str, name: str) -> torch.Tensor:
+    """The float threshold ``value`` as an fp32 scalar tensor on ``device``, checked, from a bounded LRU cache.
+
+    While tracing (``torch.compile``) or capturing a CUDA graph it is made fresh: the graph fills its own
+    scalar on every run, and tracing never touches the cache's lock."""
+    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return torch.full((), _float_threshold(value, where, name), dtype=torch.float32, device=device)
+    key = (value, device)  # -0.0 and 0.0 share an entry (equal keys); a bad value raises before it is stored
     with _scalar_lock:
         t = _scalars.get(key)
-        if t is None:
-            t = _scalars[key] = torch.full((), float(value), dtype=torch.float32, device=device)
+        if t is not None:
+            _scalars.move_to_end(key)
+            return t
+    t = torch.full((), _float_threshold(value, where, name), dtype=torch.float32, device=device)
+    with _scalar_lock:
+        _scalars[key] = t
+        while len(_scalars) > SCALAR_CACHE_SIZE:
+            _scalars.popitem(last=False)
     return t
 
 
@@ -202,19 +239,34 @@ def _forget(ident: int):
     return callback
 
 
+def _check_values(threshold: torch.Tensor, t32: torch.Tensor, where: str, name: str) -> None:
+    """Raise unless every value of ``threshold`` is >= 0 and its float32 rounding ``t32`` is finite."""
+    bad = ~torch.isfinite(t32) | (threshold < 0)
+    if not bool(bad.any()):
+        return
+    at = bad.nonzero()[0]
+    v = threshold[tuple(at)].item()
+    at_s = f" (at {at.tolist()})" if threshold.dim() else ""
+    if math.isfinite(v) and v >= 0:  # finite in its own dtype, inf in float32
+        raise ValueError(f"{where}: {name} must be finite and >= 0, got {v}{at_s}, which is beyond float32 range "
+                         "(it rounds to inf; thresholds are compared in float32)")
+    raise ValueError(f"{where}: {name} must be finite and >= 0, got {v}{at_s}")
+
+
 def check_threshold(threshold, K: int, device: torch.device, where: str, name: str = "threshold") -> torch.Tensor:
     """The threshold as an fp32 tensor on ``device``: ``[]`` or ``[K]``, finite and >= 0.
 
-    A CUDA tensor's values are checked once per version of the tensor (a check reads them back, a host
-    sync) and not at all during CUDA-graph capture or under ``torch.compile``: modules check theirs when
-    they are set.
+    A float64 threshold (a Python float or an fp64 tensor) is rounded to the nearest float32, and the
+    comparison ``|x| > t`` is made in float32 with that value; a value that rounds to inf (beyond
+    float32 range, ``>= 2**128 - 2**103``) raises ``ValueError``. Python floats become cached fp32
+    scalars (the :data:`SCALAR_CACHE_SIZE` most recently used). A tensor's values are checked once per
+    version of the tensor (a check reads them back, a host sync) and not at all during CUDA-graph capture,
+    under ``torch.compile`` or on the meta device: modules check theirs when they are set.
     """
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float, torch.Tensor)):
         raise TypeError(f"{where}: {name} must be a float or a tensor, got {type(threshold).__name__}")
     if not isinstance(threshold, torch.Tensor):
-        if not math.isfinite(threshold) or threshold < 0:
-            raise ValueError(f"{where}: {name} must be finite and >= 0, got {threshold}")
-        return _scalar(threshold, device)
+        return _scalar(threshold, device, where, name)
     if not threshold.is_floating_point():
         raise TypeError(f"{where}: {name} must be a floating-point tensor, got dtype={threshold.dtype}")
     if threshold.dim() > 1 or (threshold.dim() == 1 and threshold.shape[0] != K):
@@ -222,21 +274,20 @@ def check_threshold(threshold, K: int, device: torch.device, where: str, name: s
                          f"got shape {tuple(threshold.shape)}")
     if threshold.device != device:
         raise ValueError(f"{where}: device mismatch, {name} is on {threshold.device} but x is on {device}")
-    if not (torch.compiler.is_compiling() or (threshold.is_cuda and torch.cuda.is_current_stream_capturing())):
+    t32 = threshold if threshold.dtype == torch.float32 else threshold.float()
+    if not (torch.compiler.is_compiling() or threshold.device.type == "meta"
+            or (threshold.is_cuda and torch.cuda.is_current_stream_capturing())):
         try:
             stamp = (threshold.data_ptr(), threshold._version)
         except RuntimeError:
             stamp = None
         entry = _checked.get(id(threshold))
         if stamp is None or entry is None or entry[0]() is not threshold or entry[1] != stamp:
-            bad = ~torch.isfinite(threshold) | (threshold < 0)
-            if bool(bad.any()):
-                raise ValueError(f"{where}: {name} must be finite and >= 0, got "
-                                 f"{threshold[bad].flatten()[0].item()} (at {bad.nonzero()[0].tolist()})")
+            _check_values(threshold, t32, where, name)
             if stamp is not None:
                 with _scalar_lock:
                     _checked[id(threshold)] = (weakref.ref(threshold, _forget(id(threshold))), stamp)
-    return threshold if threshold.dtype == torch.float32 else threshold.float()
+    return t32
 
 
 def _flat(x: torch.Tensor, K: int) -> torch.Tensor:
@@ -246,18 +297,26 @@ def _flat(x: torch.Tensor, K: int) -> torch.Tensor:
 def act_sparse_linear(x: torch.Tensor, weight, threshold, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x * (x.abs() > threshold), weight, bias)``, reading only the weight rows of active inputs.
 
-    x: ``[..., K]``; weight: ``[N, K]`` (stored input-major, see :func:`input_major`, it is read without a
-    copy; any other layout is transposed once and the copy kept while the weight is unchanged), or an
-    :class:`~sparse_triton.NMTensor` of ``W^T`` (shape ``[K, N]``, N:M along N, from
-    :func:`nm_input_major`) so that both sparsities multiply; threshold: a float or an fp32 tensor
-    ``[]`` / ``[K]`` (per input channel), >= 0; bias ``[N]`` or None. The comparison is made in float32
-    (x upcast exactly) whatever x's dtype; a NaN input counts as active, so it reaches the output as in the
-    dense formula. Returns ``[..., N]`` in x's dtype; differentiable for x, weight and bias (the gradients
-    of the masked dense op; N:M weights: x and bias).
+    x: ``[..., K]``; weight: ``[N, K]``, or an :class:`~sparse_triton.NMTensor` of ``W^T`` (shape
+    ``[K, N]``, N:M along N, from :func:`nm_input_major`) so that both sparsities multiply. The kernels
+    read a dense weight stored input-major (see :func:`input_major`; the modules store theirs so) without
+    a copy; a weight in any other layout (e.g. ``nn.Linear.weight``) runs the masked dense product, what
+    ``F.linear`` costs: no transposed copy is made or kept, so no copy can go stale. threshold: a float or
+    a float tensor ``[]`` / ``[K]`` (per input channel), >= 0, rounded to the nearest float32 (beyond
+    float32 range raises ``ValueError``); bias ``[N]`` or None. The comparison is made in float32 (x upcast
+    exactly) whatever x's dtype; a NaN input counts as active, so it reaches the output as in the dense
+    formula. Returns ``[..., N]`` in x's dtype; differentiable for x, weight and bias (the gradients of the
+    masked dense op; N:M weights: x and bias).
 
     On CUDA (fp16, bf16, fp32), up to 64 rows run our kernel or the masked dense product, whichever the
     tuner measured faster for the shape; a weight row is read if its input is active in any row of a tile.
     More rows run dense. CPU tensors run the pure-torch reference.
+
+    Non-finite weights: on the kernels and the CPU reference an inactive input contributes exactly nothing,
+    so an inf or NaN in the weight row of an input inactive in a row never reaches that row (a NaN input
+    is active). The masked dense product (more than 64 rows, a weight not stored input-major, a shape the
+    tuner gave to it) computes ``F.linear(x * (|x| > t), W)`` as such, where that weight gives
+    ``0 * inf = NaN``: it reads every weight row.
 
     >>> import sparse_triton as st
     >>> x, w = torch.randn(2, 64), torch.randn(32, 64)
@@ -354,9 +413,11 @@ def act_sparse_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
     ``h = act(gate(xs)) * up(xs)`` and ``xs = x * (|x| > t_in)``: two launches on a GPU (gate and up share
     one read of x and its active set; the activation runs in their epilogue), forward only.
 
-    x: ``[..., H]``; w_gate, w_up: ``[I, H]``; w_down: ``[H, I]`` (input-major storage avoids copies);
-    thresholds: floats or fp32 ``[]`` / per-channel tensors (``[H]`` and ``[I]``); activation: ``silu``
-    (SwiGLU), ``relu`` or ``relu2`` (ReLU squared; with threshold 0 only exact zeros are skipped).
+    x: ``[..., H]``; w_gate, w_up: ``[I, H]``; w_down: ``[H, I]`` (stored input-major for the kernels;
+    a projection whose weight is not runs the masked dense product); thresholds: floats or float ``[]`` /
+    per-channel tensors (``[H]`` and ``[I]``), compared in float32 as in :func:`act_sparse_linear`;
+    activation: ``silu`` (SwiGLU), ``relu`` or ``relu2`` (ReLU squared; with threshold 0 only exact zeros
+    are skipped).
     Returns ``[..., H]``. For gradients use :class:`~sparse_triton.nn.ActSparseMLP` in training mode.
 
     >>> import sparse_triton as st
