@@ -146,24 +146,43 @@ def _positive(text: str) -> int:
     return value
 
 
+class ModelSpecError(Exception):
+    """A ``--model`` the CLI cannot use: ``main`` prints one line naming the spec and the reason, exit status 2."""
+
+    def __init__(self, spec: str, reason: str):
+        super().__init__(f"--model {spec}: {reason}")
+
+
+def _one_line(e: BaseException) -> str:
+    """``TypeName: first line of the message`` of an exception raised by user code."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
 def _load_model(spec: str) -> torch.nn.Module:
+    """Build the ``--model MODULE:ATTR``: ``ATTR`` (dotted) is an ``nn.Module`` or a zero-argument factory of
+    one. Raises :class:`ModelSpecError` for anything that goes wrong, the user code's own errors included."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise SystemExit(f"tune: --model wants module:attr (e.g. mypkg.models:build), got {spec!r}")
+        raise ModelSpecError(spec, "expected MODULE:ATTR, e.g. mypkg.models:build")
     if os.getcwd() not in sys.path:  # like `python -m`, let the model live in the working directory
         sys.path.insert(0, os.getcwd())
     try:
         obj = importlib.import_module(module_name)
-    except ImportError as e:
-        raise SystemExit(f"tune: --model {spec}: cannot import {module_name!r} ({e})") from None
+    except Exception as e:  # ImportError, or whatever the module's own code raises while importing
+        raise ModelSpecError(spec, f"cannot import {module_name!r} ({_one_line(e)})") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise SystemExit(f"tune: --model {spec}: {module_name} has no attribute {attr!r}")
+            raise ModelSpecError(spec, f"{module_name} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not isinstance(obj, torch.nn.Module) and callable(obj):
-        obj = obj()
+        try:
+            obj = obj()
+        except Exception as e:
+            raise ModelSpecError(spec, f"calling {attr}() raised {_one_line(e)}") from None
     if not isinstance(obj, torch.nn.Module):
-        raise SystemExit(f"tune: --model {spec} is a {type(obj).__name__}, not an nn.Module or a factory of one")
+        raise ModelSpecError(spec, f"{attr} gave type {type(obj).__name__}, expected an nn.Module or a "
+                                   "zero-argument factory of one")
     return obj
 
 
@@ -178,8 +197,8 @@ def _model_layers(model: torch.nn.Module, spec: str) -> list[tuple[int, int, int
             w = mod.weight_nm()
             found[(mod.out_features, mod.in_features, w.n, w.m, dtype_tag(w.dtype), mod.bias is not None)] = None
     if not found:
-        raise SystemExit(f"tune: --model {spec} has no sparse_triton.nn.SparseLinear layers "
-                         "(sparsify it first: sparse_triton.sparsify(model, NMSparsity(2, 4)))")
+        raise ModelSpecError(spec, "has no sparse_triton.nn.SparseLinear layers (sparsify it first: "
+                                   "sparse_triton.sparsify(model, NMSparsity(2, 4)))")
     return list(found)
 
 
@@ -349,10 +368,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (2 for usage errors, a ``--model`` that cannot be built included)."""
     args = build_parser().parse_args(argv)
     if args.command == "info":
         return cmd_info(args)
-    return cmd_tune(args)
+    try:
+        return cmd_tune(args)
+    except ModelSpecError as e:
+        print(f"python -m sparse_triton tune: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

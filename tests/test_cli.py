@@ -36,6 +36,14 @@ def build():
 
 def dense():
     return torch.nn.Sequential(torch.nn.Linear(64, 32))
+
+
+def broken():
+    raise RuntimeError("no weights here\\nsecond line")
+
+
+def number():
+    return 42
 """
 
 
@@ -71,6 +79,7 @@ def _dry_run(capsys, *args) -> list[tuple]:
 @pytest.fixture
 def model_module(tmp_path):
     (tmp_path / "cli_test_model.py").write_text(MODEL_MODULE)
+    (tmp_path / "cli_test_model_import_fails.py").write_text("raise ValueError('bad config')\n")
     return "cli_test_model"
 
 
@@ -122,17 +131,40 @@ def test_tune_dry_run_model(tmp_path, model_module):
     assert {k[:3] for k in keys} in ({("nm_linear_fwd", "fp32", "2:4")}, {("nm_linear_fwd", "tf32", "2:4")})
 
 
+MODEL_ERRORS = [  # (spec, message): one line on stderr naming the spec and the reason, exit status 2
+    pytest.param("cli_test_model:dense", "sparsify", id="model-without-sparselinear"),
+    pytest.param("nosuchmod:x", "cannot import 'nosuchmod'", id="model-not-importable"),
+    pytest.param("cli_test_model_import_fails:x", "cannot import 'cli_test_model_import_fails' (ValueError: bad "
+                 "config)", id="module-raises-on-import"),
+    pytest.param("cli_test_model:nosuch", "has no attribute 'nosuch'", id="missing-attribute"),
+    pytest.param("cli_test_model:broken", "calling broken() raised RuntimeError: no weights here",
+                 id="builder-raises"),
+    pytest.param("cli_test_model:number", "number gave type int, expected an nn.Module", id="not-a-module"),
+    pytest.param("cli_test_model", "expected MODULE:ATTR", id="no-colon"),
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("args, code, message", [  # SystemExit(message): exit 1, no traceback
-    pytest.param(["--model", "cli_test_model:dense"], 1, "sparsify", id="model-without-sparselinear"),
-    pytest.param(["--model", "nosuchmod:x"], 1, "cannot import 'nosuchmod'", id="model-not-importable"),
-])
-def test_tune_model_errors(tmp_path, model_module, args, code, message):
-    r = _cli(tmp_path, "tune", *args, "--dry-run")
-    assert r.returncode == code, (r.stdout, r.stderr)
-    assert message in r.stderr
-    assert "Traceback" not in r.stderr
+@pytest.mark.parametrize("spec, message", [p for p in MODEL_ERRORS if p.id in (
+    "model-without-sparselinear", "model-not-importable", "builder-raises")])  # the rest run in-process only
+def test_tune_model_errors(tmp_path, model_module, spec, message):
+    r = _cli(tmp_path, "tune", "--model", spec, "--dry-run")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"python -m sparse_triton tune: error: --model {spec}: "), lines
+    assert message in lines[0]
     assert r.stdout == ""
+
+
+@pytest.mark.parametrize("spec, message", MODEL_ERRORS)
+def test_tune_model_errors_in_process(capsys, model_module, monkeypatch, tmp_path, spec, message):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert cli.main(["tune", "--model", spec, "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"python -m sparse_triton tune: error: --model {spec}: "), lines
+    assert message in lines[0]
+    assert captured.out == ""
 
 
 @pytest.mark.slow

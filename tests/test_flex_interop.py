@@ -347,3 +347,14 @@ def test_bool_arguments_still_work(device):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback or coercion warnings on the plain path
         assert BlockMask.topk(torch.randn(2, 2), 1, block_size=64, causal=False).causal is False
+
+
+def test_attention_module_refuses_a_flex_mask_naming_from_flex():
+    fbm = fa.create_block_mask(lambda b, h, q, k: q >= k, 1, 1, 128, 128, device="cpu", BLOCK_SIZE=64)
+    for build in (st.nn.BlockSparseAttention, st.nn.BlockSparseAttention.fixed):
+        with pytest.raises(TypeError, match=r"BlockMask\.from_flex"):
+            build(fbm)
+    # the conversion it names gives a working module
+    attn = st.nn.BlockSparseAttention.fixed(st.BlockMask.from_flex(fbm))
+    q = torch.randn(1, 1, 128, 32)
+    assert attn(q, q, q).shape == q.shape

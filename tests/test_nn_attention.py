@@ -1,6 +1,7 @@
 """nn/attention.py (BlockSparseAttention, pooled_block_scores) and nn/hf.py (the Llama swap)."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -201,10 +202,11 @@ def test_hf_swap_padding_and_decode_fallbacks(device):
         want = dense(ids, attention_mask=pad).logits
         torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(got[1, 5:], want[1, 5:], atol=1e-4, rtol=1e-4)
-        # one decode step with a KV cache: 1 query against 100 cached keys
+        # one decode step with a KV cache: 1 query against 100 cached keys, on the sparse path (no fallback)
         out = model(ids[:1], use_cache=True)
         nxt = torch.randint(0, 128, (1, 1), device=device)
-        with pytest.warns(UserWarning, match="decoding"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
             step = model(nxt, past_key_values=out.past_key_values).logits
         full = dense(torch.cat([ids[:1], nxt], 1)).logits[:, -1:]
         torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)

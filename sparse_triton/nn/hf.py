@@ -8,9 +8,20 @@ plain causal mask arrives as ``None`` and padding arrives as a bool mask), attac
 only the ``softmax(q k^T) v`` core changes. k/v reach the op with their ``num_key_value_heads`` (GQA
 native: never repeated). Needs ``transformers >= 4.53`` (``pip install sparse-triton[hf]``).
 
-Calls the block-sparse policy cannot express run dense SDPA instead (``fallback="dense"``, with a
-warning) or raise (``fallback="error"``): a padding / custom attention mask, and decoding with a KV
-cache (fewer queries than keys: the policy's masks are top-left aligned, decode is bottom-right).
+Prefill (as many queries as keys) runs the policy top-left aligned on the sequence. Decoding with a KV
+cache (``model.generate``, or ``model(ids, cache / past_key_values=..., use_cache=True)`` one token at a
+time) runs the same policy on the last ``Sq`` positions: query ``i`` sits at ``Skv - Sq + i``
+(bottom-right, ``BlockSparseAttention(..., q_offset=Skv - Sq)``), so a step's output equals the
+prefill output at that position (dynamic top-k: see :meth:`BlockSparseAttention.dynamic_topk`). With at
+most 16 queries per step the op runs the split-kv decode kernel on CUDA.
+
+Calls with an explicit attention mask run dense SDPA instead (``fallback="dense"``, with a warning) or
+raise (``fallback="error"``): padding, a custom pattern, a static cache past its prefill, and chunks of
+several tokens appended to a non-empty cache (Hugging Face builds a mask for those). The policy cannot
+express them: the mask does not say where each query sits.
+
+Head dims the kernels do not take are refused by ``swap_llama_attention``. A swapped model deep-copies,
+pickles and ``torch.save``-s whole; unpickling it registers the attention function again.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..kernels.attention import HEAD_DIMS
 from .attention import BlockSparseAttention
 
 ATTN_IMPLEMENTATION = "sparse_triton_block_sparse"
@@ -36,6 +48,20 @@ def _register() -> None:
         raise ImportError("swap_llama_attention needs transformers >= 4.53 (pip install 'sparse-triton[hf]')") from e
     AttentionInterface.register(ATTN_IMPLEMENTATION, block_sparse_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+class Fallback(str):
+    """The ``fallback`` setting a swapped attention layer holds (``"dense"`` or ``"error"``; compares as that
+    string). Unpickling it registers the attention function, so ``torch.load`` of a swapped model runs in
+    a fresh process."""
+
+    def __reduce__(self):
+        return _unpickle_fallback, (str(self),)
+
+
+def _unpickle_fallback(value: str) -> Fallback:
+    _register()
+    return Fallback(value)
 
 
 def _dense(module, query, key, value, attention_mask, scaling, is_causal, why: str) -> torch.Tensor:
@@ -57,7 +83,12 @@ def block_sparse_attention_forward(module: nn.Module, query: torch.Tensor, key: 
                                    scaling: float | None = None, is_causal: bool | None = None,
                                    **kwargs) -> tuple[torch.Tensor, None]:
     """The ``AttentionInterface`` function: ``query [B, Hq, Sq, D]``, ``key``/``value [B, Hkv, Skv, D]``
-    -> ``(attn_output [B, Sq, Hq, D], None)`` through ``module.sparse_attention``."""
+    -> ``(attn_output [B, Sq, Hq, D], None)`` through ``module.sparse_attention``.
+
+    Without a mask the queries are the last ``Sq`` of the ``Skv`` positions (``q_offset = Skv - Sq``:
+    prefill when equal, decoding with a KV cache when fewer), except a multi-token prefill into an empty
+    static cache (more keys than queries, Hugging Face passes no mask): its keys past ``Sq`` are unwritten
+    and dropped, the queries start at 0."""
     attn = getattr(module, "sparse_attention", None)
     if not isinstance(attn, BlockSparseAttention):
         raise RuntimeError(f"sparse_triton_block_sparse attention: {type(module).__name__} has no "
@@ -69,23 +100,22 @@ def block_sparse_attention_forward(module: nn.Module, query: torch.Tensor, key: 
         if kwargs.get(name) is not None:
             raise ValueError(f"sparse_triton_block_sparse attention: {name}={kwargs[name]!r} is not supported")
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    causal = bool(is_causal)
     Sq, Skv = query.shape[2], key.shape[2]
     if attention_mask is not None:
         out = _dense(module, query, key, value, attention_mask, scaling, is_causal,
-                     "an explicit attention mask (padding or a custom pattern)")
-    elif Sq > 1 and Skv >= Sq and is_causal:
-        # Skv > Sq without a mask: prefill into an empty static cache, whose tail keys no query may see.
-        key, value = key[:, :, :Sq], value[:, :, :Sq]
-        out = attn(query, key, value, causal=True, scale=scaling)
-    elif Sq == Skv:
-        out = attn(query, key, value, causal=bool(is_causal) and Sq > 1, scale=scaling)
+                     "an explicit attention mask (padding, a custom pattern, a static cache, or several new "
+                     "tokens on a non-empty cache)")
+    elif 1 < Sq < Skv and causal:
+        # Hugging Face passes no mask here only for a prefill into an empty static cache.
+        out = attn(query, key[:, :, :Sq], value[:, :, :Sq], causal=True, scale=scaling, q_offset=0)
     else:
-        out = _dense(module, query, key, value, None, scaling, is_causal,
-                     f"{Sq} queries against {Skv} cached keys (decoding)")
+        out = attn(query, key, value, causal=causal, scale=scaling, q_offset=Skv - Sq)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _attention_modules(model: nn.Module, where: str) -> list[nn.Module]:
+def _attention_modules(model: nn.Module, where: str) -> list[tuple[str, nn.Module]]:
+    """``(module path, LlamaAttention)`` of every attention layer of ``model``."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -94,10 +124,18 @@ def _attention_modules(model: nn.Module, where: str) -> list[nn.Module]:
                         f"model_type in {SUPPORTED_MODEL_TYPES}), got {got}")
     from transformers.models.llama.modeling_llama import LlamaAttention
 
-    mods = [m for m in model.modules() if isinstance(m, LlamaAttention)]
+    mods = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, LlamaAttention)]
     if not mods:
         raise TypeError(f"{where}: {type(model).__name__} holds no LlamaAttention module")
     return mods
+
+
+def _head_dim(module: nn.Module) -> int:
+    D = getattr(module, "head_dim", None)
+    if D is None:
+        cfg = module.config
+        D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return int(D)
 
 
 def swap_llama_attention(model: nn.Module,
@@ -108,8 +146,10 @@ def swap_llama_attention(model: nn.Module,
 
     ``policy``: one ``BlockSparseAttention`` shared by every layer, or a factory ``layer_idx ->
     BlockSparseAttention`` (e.g. denser early layers). The model's ``scaling`` (``head_dim ** -0.5``)
-    and causal flag are passed per call. ``fallback`` (``"dense"`` or ``"error"``): what calls the
-    policy cannot express do, see the module docstring. Undo with :func:`restore_attention`. The
+    and causal flag are passed per call; prefill and KV-cache decoding both run the policy (see the
+    module docstring). ``fallback`` (``"dense"`` or ``"error"``): what calls with an explicit attention
+    mask do. Raises ``ValueError`` naming the layer if its head dim is not one the kernels take
+    (32, 64, 96, 128, 256), before changing anything. Undo with :func:`restore_attention`. The
     state_dict is unchanged (the attached modules hold no tensors).
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM  # doctest: +SKIP
@@ -119,23 +159,33 @@ def swap_llama_attention(model: nn.Module,
     ...                              BlockSparseAttention.sliding_window(64, block_size=64))  # doctest: +SKIP
     >>> model(torch.randint(0, 128, (1, 160))).logits.shape  # doctest: +SKIP
     torch.Size([1, 160, 128])
+    >>> model.generate(torch.randint(0, 128, (1, 16)), max_new_tokens=8).shape  # decode: same policy  # doctest: +SKIP
+    torch.Size([1, 24])
     """
     where = "swap_llama_attention"
-    if fallback not in _FALLBACKS:
+    if not isinstance(fallback, str) or fallback not in _FALLBACKS:
         raise ValueError(f"{where}: fallback must be one of {_FALLBACKS}, got {fallback!r}")
     if not isinstance(policy, BlockSparseAttention) and not callable(policy):
         raise TypeError(f"{where}: policy must be a BlockSparseAttention or a callable layer_idx -> "
                         f"BlockSparseAttention, got {type(policy).__name__}")
     mods = _attention_modules(model, where)
-    _register()
-    for i, m in enumerate(mods):
+    for fqn, m in mods:
+        D = _head_dim(m)
+        if D not in HEAD_DIMS:
+            raise ValueError(f"{where}: layer {getattr(m, 'layer_idx', '?')} ({fqn}) has head_dim={D}; the "
+                             f"block-sparse attention kernels support head dims {HEAD_DIMS}")
+    attns = []
+    for i, (fqn, m) in enumerate(mods):
         layer_idx = getattr(m, "layer_idx", i)
         attn = policy if isinstance(policy, BlockSparseAttention) else policy(layer_idx)
         if not isinstance(attn, BlockSparseAttention):
-            raise TypeError(f"{where}: the policy factory returned {type(attn).__name__} for layer {layer_idx}, "
-                            "expected a BlockSparseAttention")
+            raise TypeError(f"{where}: the policy factory returned {type(attn).__name__} for layer {layer_idx} "
+                            f"({fqn}), expected a BlockSparseAttention")
+        attns.append(attn)
+    _register()
+    for (_, m), attn in zip(mods, attns):
         m.sparse_attention = attn
-        m.sparse_attention_fallback = fallback
+        m.sparse_attention_fallback = Fallback(fallback)
     if not hasattr(model, "_sparse_triton_previous_attn"):
         model._sparse_triton_previous_attn = model.config._attn_implementation
     _set_implementation(model, ATTN_IMPLEMENTATION)
@@ -147,7 +197,7 @@ def restore_attention(model: nn.Module) -> nn.Module:
     previous = getattr(model, "_sparse_triton_previous_attn", None)
     if previous is None:
         raise ValueError("restore_attention: the model's attention was not swapped by swap_llama_attention")
-    for m in _attention_modules(model, "restore_attention"):
+    for _, m in _attention_modules(model, "restore_attention"):
         for name in ("sparse_attention", "sparse_attention_fallback"):
             if hasattr(m, name):
                 delattr(m, name)
