@@ -280,7 +280,16 @@ def test_tune_entry_adds_heuristic_and_best_time_per_implementation():
 
     entry = rg.tune_entry(FakeTuner(), device, job)
     assert entry["name"] == "dense" and entry["heuristic"] == cands[0].name and entry["heuristic_ms"] == 1.0
-    assert entry["impl_ms"] == {"triton": 1.0, "dense": 0.5}
+    # cuSPARSELt is a candidate where torch and the GPU have it (a CUDA build of torch ships it even on a
+    # machine without a GPU, where the package does not offer it): the expectation asks the package.
+    want = {"triton": 1.0, "dense": 0.5}
+    cslt = [i for i, c in enumerate(cands) if c.impl == "cusparselt"]
+    n, m = map(int, job.key[1].split(":"))
+    assert bool(cslt) == nt.cusparselt_supported(job.key[0], n, m, job.key[2], job.key[3], device,
+                                                 H100_LIMITS.capability)
+    if cslt:
+        want["cusparselt"] = 1.0 + cslt[0]
+    assert entry["impl_ms"] == want
     assert "dense" in rg.describe(entry) and "heuristic 1.0000 ms" in rg.describe(entry)
 
 

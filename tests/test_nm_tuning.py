@@ -42,8 +42,10 @@ def test_candidates_dense_always_heuristic_first(device):
                 M, key[3] if op is nt.BWD_DX else key[2], key[2] if op is nt.BWD_DX else key[3], nt.TAG_DTYPE[tag],
                 "ieee" if tag == "fp32" else "tf32", H100_LIMITS.sms, op is nt.BWD_DX, cands[0].config and
                 _weight_bytes(key))
-        assert "cusparselt" not in names  # no cuSPARSELt in the CPU torch build, never on CPU
-        m = int(key[1].split(":")[1])
+        n, m = map(int, key[1].split(":"))
+        # cuSPARSELt exactly where it can run: a CUDA device, a torch with cuSPARSELt, 2:4 fp16/bf16 forward
+        offered = op is nt.FWD and nt.cusparselt_supported(tag, n, m, key[2], key[3], device, H100_LIMITS.capability)
+        assert ("cusparselt" in names) == offered, key
         for c in cands:
             if c.impl == "triton" and c.config == kernel.INTERPRET_CONFIG and device.type == "cpu":
                 continue  # the interpreter's one config (its tl.dot is exact in fp32); never stored
@@ -80,12 +82,20 @@ def test_candidates_pruned_by_shared_memory():
     {"impl": "triton", "config": {"BM": 16, "BN": 64, "BK": 64, "SPLIT": 0}},
     {"impl": "triton", "config": {"BM": 16, "BN": 64, "BK": 64, "USE_DOT": "yes"}},
     {"impl": "triton", "config": None},
-    {"impl": "cusparselt"},  # not available in this build
     {"impl": "hand-written-asm"},
     {},
 ])
 def test_from_entry_rejects_bad_entries(entry):
     assert nt.FWD.from_entry(entry, ("fp16", "2:4", 64, 64, 16, 0), H100_LIMITS, CUDA) is None
+
+
+def test_cusparselt_entry_only_where_cusparselt_runs():
+    key = ("fp16", "2:4", 64, 64, 16, 0)
+    here = nt.cusparselt_supported("fp16", 2, 4, 64, 64, CUDA, H100_LIMITS.capability)  # asks torch, not the test
+    assert nt.FWD.from_entry({"impl": "cusparselt"}, key, H100_LIMITS, CUDA) == (nt.CUSPARSELT if here else None)
+    assert nt.FWD.from_entry({"impl": "cusparselt"}, key, H100_LIMITS, CPU) is None
+    assert nt.BWD_DX.from_entry({"impl": "cusparselt"}, key[:5], H100_LIMITS, CUDA) is None  # forward only
+    assert nt.FWD.from_entry({"impl": "cusparselt"}, ("fp16", "2:8", 64, 64, 16, 0), H100_LIMITS, CUDA) is None
 
 
 def test_exact_fp32_never_gets_a_tensor_core_config():

@@ -32,10 +32,10 @@ def test_gpu_slug_and_cache_dir(monkeypatch, tmp_path):
 def test_round_trip_and_file_contents(tmp_path):
     c = tc.TuningCache(INFO, root=tmp_path)
     assert c.get("op", "k") is None
-    c.put("op", "k", {"config": "a", "ms": 1.5})
-    c.put("op", "k2", {"config": "b", "ms": 2.0})
+    c.put("op", "k", {"config": {"BM": 16}, "ms": 1.5})
+    c.put("op", "k2", {"config": {"BM": 32}, "ms": 2.0})
     c2 = tc.TuningCache(INFO, root=tmp_path)
-    assert c2.get("op", "k") == {"config": "a", "ms": 1.5} and set(c2.entries("op")) == {"k", "k2"}
+    assert c2.get("op", "k") == {"config": {"BM": 16}, "ms": 1.5} and set(c2.entries("op")) == {"k", "k2"}
     data = json.loads(c.path.read_text())
     assert data["format"] == tc.FORMAT and data["meta"]["capability"] == [9, 0]
     assert data["meta"]["triton"] == "3.6.0" and data["meta"]["gpu"] == INFO.gpu

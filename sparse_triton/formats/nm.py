@@ -29,6 +29,11 @@ the grouped dim, ``G = ceil(K / m)`` groups (the last group is zero-padded when 
   are zero. Positions are read back with ``(word >> shift) & (2**B - 1)``, which is exact whatever
   the sign of the int32 word.
 
+  A valid tensor's positions are ``< m`` and strictly ascending within each group, and its padding bits
+  are zero. :meth:`NMTensor.validate` checks that; :func:`check_indices` does so once per version of an
+  indices tensor (``to_dense``, ``nm_linear``), so a hand-built tensor with bad positions raises
+  ``ValueError`` instead of computing garbage.
+
 Which elements are kept: the ``n`` largest by magnitude in each group; ties go to the lower index;
 NaN counts as larger than every number (so it is kept and stays visible); ``-0.0`` counts as zero.
 """
@@ -36,13 +41,18 @@ NaN counts as larger than every number (so it is kept and stays visible); ``-0.0
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
 
+from ._checks import check_bool
+
 __all__ = [
     "NMSparsity",
     "NMTensor",
+    "check_indices",
     "index_bits",
     "indices_per_word",
     "magnitude_key",
@@ -196,6 +206,125 @@ def unpack_indices(words: torch.Tensor, S: int, m: int) -> torch.Tensor:
     return pos.flatten(-2)[..., :S]
 
 
+# Faults of packed positions, as bits of one int32 computed on the indices' device (one host read).
+_OUT_OF_RANGE, _NOT_ASCENDING, _PADDING = 1, 2, 4
+_CHECK_BLOCK = 1 << 24  # positions unpacked at once by a check (int32: 64 MB)
+_FAULTS = ((_OUT_OF_RANGE, "a stored position is >= m={m}"),
+           (_NOT_ASCENDING, "stored positions are not strictly ascending within a group"),
+           (_PADDING, "the padding after a row's last slot holds non-zero bits"))
+
+
+def _fault_rows(indices: torch.Tensor, S: int, n: int, m: int) -> torch.Tensor:
+    """Per row (``indices[*lead, W]`` flattened to ``[R, W]``), the fault bits of its packed positions.
+    Runs on the indices' device in blocks of rows (``_CHECK_BLOCK`` positions each), so checking a large
+    weight needs a bounded few hundred MB of temporaries, not several times the weight."""
+    B, P = index_bits(m), indices_per_word(m)
+    words = indices.reshape(-1, indices.shape[-1])
+    shifts = torch.arange(P, device=indices.device, dtype=torch.int32) * B
+    step = max(1, _CHECK_BLOCK // max(1, words.shape[1] * P))
+    out = []
+    for r0 in range(0, words.shape[0], step):
+        # int32 arithmetic shift then mask: exact for negative words too, and half the memory of int64
+        pos = ((words[r0:r0 + step].unsqueeze(-1) >> shifts) & ((1 << B) - 1)).flatten(1)  # [rows, W * P]
+        kept, pad = pos[:, :S], pos[:, S:]
+        faults = (kept >= m).any(1).to(torch.int32) * _OUT_OF_RANGE
+        if n > 1:
+            g = kept.reshape(kept.shape[0], -1, n)
+            faults |= (g[..., 1:] <= g[..., :-1]).flatten(1).any(1).to(torch.int32) * _NOT_ASCENDING
+        if pad.shape[1]:
+            faults |= (pad != 0).any(1).to(torch.int32) * _PADDING
+        out.append(faults)
+    return torch.cat(out) if len(out) != 1 else out[0]
+
+
+def _raise_faults(indices: torch.Tensor, S: int, n: int, m: int, where: str) -> None:
+    """Raise ``ValueError`` (naming ``where``, the fault and its first row) if the positions are malformed.
+    One host read of one int32 in the valid case."""
+    if indices.numel() == 0:
+        return
+    rows = _fault_rows(indices, S, n, m)
+    if rows.numel() == 0 or int(rows.max().item()) == 0:  # the one host read: any fault makes a row's code > 0
+        return
+    # The error path: find the first faulty row and every kind of fault (more host reads are fine here).
+    first = int(torch.nonzero(rows)[0, 0])
+    kinds = 0
+    for v in rows.unique().tolist():
+        kinds |= v
+    what = "; ".join(text.format(m=m) for bit, text in _FAULTS if kinds & bit)
+    raise ValueError(f"{where}: malformed N:M indices ({n}:{m}, {S} slots per row): {what} (first in row {first})")
+
+
+_checked_lock = threading.Lock()
+_checked: dict[int, tuple[weakref.ref, tuple]] = {}  # id(indices) -> (ref, stamp it was found valid at)
+
+
+def _forget(ident: int):
+    def callback(ref: weakref.ref) -> None:
+        with _checked_lock:
+            entry = _checked.get(ident)
+            if entry is not None and entry[0] is ref:
+                del _checked[ident]
+    return callback
+
+
+def _stamp(indices: torch.Tensor, S: int, n: int, m: int) -> tuple | None:
+    """What a check of ``indices`` holds for: its storage and version (``resize_`` and every in-place op
+    bump the version) and the pattern it was read as; None where its data cannot be read (tracing with
+    fake or functional tensors, the meta device)."""
+    if (type(indices) is not torch.Tensor and not isinstance(indices, torch.nn.Parameter)) or indices.is_meta:
+        return None
+    try:
+        version = indices._version
+    except RuntimeError:  # an inference tensor has no version counter: checked once per storage
+        version = None
+    return (indices.data_ptr(), version, S, n, m)
+
+
+def _mark_valid(indices: torch.Tensor, S: int, n: int, m: int) -> None:
+    """Record ``indices`` as valid at its current version (for tensors valid by construction)."""
+    if torch.compiler.is_compiling():
+        return
+    stamp = _stamp(indices, S, n, m)
+    if stamp is None:
+        return
+    ident = id(indices)
+    with _checked_lock:
+        _checked[ident] = (weakref.ref(indices, _forget(ident)), stamp)
+
+
+def _is_marked(indices: torch.Tensor, S: int, n: int, m: int) -> bool:
+    stamp = _stamp(indices, S, n, m)
+    entry = _checked.get(id(indices))
+    return stamp is not None and entry is not None and entry[0]() is indices and entry[1] == stamp
+
+
+def check_indices(indices: torch.Tensor, S: int, n: int, m: int, where: str) -> None:
+    """Raise ``ValueError`` naming ``where`` if the packed positions ``indices[*lead, W]`` (``S`` slots per
+    row, pattern ``n:m``) are malformed: a position >= m, positions not strictly ascending within a
+    group, or non-zero padding bits.
+
+    Checked once per version of the tensor (an in-place change bumps the version and is checked on the
+    next call; a write through ``.data`` is not seen): the check runs on the tensor's device and reads one
+    int32 back, a host sync, so it is skipped while tracing under ``torch.compile`` and during CUDA-graph
+    capture (check before capturing: a first eager call does). After the first call it costs a
+    dictionary lookup (~1 us). Tensors from :func:`nm_compress` are valid by construction and never read.
+    """
+    if torch.compiler.is_compiling():
+        return
+    stamp = _stamp(indices, S, n, m)
+    if stamp is None:
+        return
+    ident = id(indices)
+    entry = _checked.get(ident)
+    if entry is not None and entry[1] == stamp and entry[0]() is indices:
+        return
+    if indices.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    _raise_faults(indices, S, n, m, where)
+    with _checked_lock:
+        _checked[ident] = (weakref.ref(indices, _forget(ident)), stamp)
+
+
 class NMTensor:
     """An N:M-sparse tensor in compressed form (see the module docstring for the layout).
 
@@ -262,13 +391,19 @@ class NMTensor:
         """Position of every kept element inside its group, ``int64[*lead, S]``."""
         return unpack_indices(self.indices, self.values.shape[-1], self.m)
 
+    def _check(self, where: str) -> None:
+        check_indices(self.indices, self.values.shape[-1], self.n, self.m, where)
+
     def _dense_columns(self) -> torch.Tensor:
         S = self.values.shape[-1]
         group = torch.arange(S, device=self.indices.device) // self.n
         return group * self.m + self.positions()
 
     def to_dense(self) -> torch.Tensor:
-        """The dense tensor (differentiable with respect to ``values``)."""
+        """The dense tensor (differentiable with respect to ``values``).
+
+        Raises ``ValueError`` if the packed positions are malformed (:func:`check_indices`)."""
+        self._check("NMTensor.to_dense")
         K = self.shape[self.dim]
         G = -(-K // self.m)
         lead = self.values.shape[:-1]
@@ -278,6 +413,7 @@ class NMTensor:
 
     def mask(self) -> torch.Tensor:
         """Bool mask of the kept positions, in the dense shape."""
+        self._check("NMTensor.mask")
         K = self.shape[self.dim]
         G = -(-K // self.m)
         lead = self.values.shape[:-1]
@@ -292,6 +428,7 @@ class NMTensor:
         """
         if tuple(dense.shape) != tuple(self.shape):
             raise ValueError(f"NMTensor.gather: dense.shape={tuple(dense.shape)}, expected {tuple(self.shape)}")
+        self._check("NMTensor.gather")
         d = dense.movedim(self.dim, -1)
         K = d.shape[-1]
         pad = -K % self.m
@@ -300,15 +437,13 @@ class NMTensor:
         return d.gather(-1, self._dense_columns())
 
     def validate(self) -> None:
-        """Check the stored positions: in range and strictly ascending in every group (syncs the host)."""
-        pos = self.positions()
-        if pos.numel() == 0:
-            return
-        if bool((pos >= self.m).any()):
-            raise ValueError(f"NMTensor: a stored position is >= m={self.m}")
-        g = pos.reshape(*pos.shape[:-1], -1, self.n)
-        if self.n > 1 and bool((g[..., 1:] <= g[..., :-1]).any()):
-            raise ValueError("NMTensor: stored positions are not strictly ascending within a group")
+        """Check the stored positions: in range, strictly ascending in every group, zero padding bits.
+
+        Raises ``ValueError`` naming the fault. Always checks (one host sync); the ops and ``to_dense``
+        check once per version of ``indices`` instead (:func:`check_indices`).
+        """
+        _raise_faults(self.indices, self.values.shape[-1], self.n, self.m, "NMTensor")
+        _mark_valid(self.indices, self.values.shape[-1], self.n, self.m)
 
     def to(self, *args, **kwargs) -> NMTensor:
         """Like ``Tensor.to``: a dtype applies to ``values`` only; a device applies to both."""
@@ -316,6 +451,9 @@ class NMTensor:
         if not values.is_floating_point():
             raise TypeError(f"NMTensor.to: values must stay floating point, got {values.dtype}")
         indices = self.indices.to(device=values.device)
+        S = values.shape[-1]
+        if indices is not self.indices and _is_marked(self.indices, S, self.n, self.m):
+            _mark_valid(indices, S, self.n, self.m)  # a copy of checked positions: no check on the new device
         return NMTensor(values, indices, self.shape, self.n, self.m, self.dim)
 
     def cuda(self, device=None) -> NMTensor:
@@ -337,8 +475,8 @@ class NMTensor:
 def nm_compress(w: torch.Tensor, n: int, m: int, dim: int = -1, strict: bool = False) -> NMTensor:
     """Prune ``w`` to N:M along ``dim`` by magnitude and compress it into an :class:`NMTensor`.
 
-    With ``strict=True`` the weight must already be N:M (at most ``n`` non-zeros per group, ``-0.0``
-    counting as zero) or ``ValueError`` is raised; nothing is pruned then. On CUDA tensors (and under
+    With ``strict=True`` (a bool) the weight must already be N:M (at most ``n`` non-zeros per group,
+    ``-0.0`` counting as zero) or ``ValueError`` is raised; nothing is pruned then. On CUDA tensors (and under
     ``TRITON_INTERPRET=1``) this runs the fused Triton prune+compress kernel for fp16/bf16/fp32.
 
     >>> wc = nm_compress(torch.randn(64, 96), 2, 4)
@@ -347,6 +485,7 @@ def nm_compress(w: torch.Tensor, n: int, m: int, dim: int = -1, strict: bool = F
     """
     _check_float(w, "w", "nm_compress")
     _check_nm(n, m, "nm_compress")
+    check_bool(strict, "strict", "nm_compress")
     d = _norm_dim(dim, w.dim(), "nm_compress")
     wl = w.detach().movedim(d, -1)
     if strict and wl.numel():
@@ -362,5 +501,7 @@ def nm_compress(w: torch.Tensor, n: int, m: int, dim: int = -1, strict: bool = F
     w2d = wl.reshape(rows, K)
     # Registered by sparse_triton.ops (imported with the package): Triton kernel or pure-torch twin.
     values, indices = torch.ops.sparse_triton.nm_prune_compress(w2d, n, m)
-    return NMTensor(values.reshape(*lead, values.shape[1]), indices.reshape(*lead, indices.shape[1]), w.shape, n, m, d)
+    out = NMTensor(values.reshape(*lead, values.shape[1]), indices.reshape(*lead, indices.shape[1]), w.shape, n, m, d)
+    _mark_valid(out.indices, values.shape[1], n, m)  # valid by construction: never read back
+    return out
 

@@ -22,7 +22,7 @@ from collections import OrderedDict
 
 import torch
 
-from ..formats.nm import NMTensor
+from ..formats.nm import NMTensor, check_indices
 from ..reference import act_sparse as reference
 from ..tuning.tuner import default_tuner
 from . import act_sparse_tuning as tuned
@@ -397,6 +397,8 @@ def _nm_linear(x, w_t: NMTensor, threshold, bias, where: str) -> torch.Tensor:
                          f"W^T [in_features, out_features], N:M along out_features: see nm_input_major)")
     _check_input(x, K, w_t.dtype, w_t.device, where)
     _check_bias(bias, N, w_t.dtype, w_t.device, where)
+    # A hand-built W^T with malformed positions would make the kernel read garbage: checked once per version.
+    check_indices(w_t.indices, w_t.values.shape[-1], w_t.n, w_t.m, where)
     t = check_threshold(threshold, K, x.device, where)
     x2d = _flat(x, K)
     args = (x2d, w_t.values, w_t.indices, t, bias, w_t.n, w_t.m, N)

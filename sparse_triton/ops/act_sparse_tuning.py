@@ -28,7 +28,7 @@ from ..kernels import nm_matmul as nm_kernel
 from ..reference import act_sparse as reference
 from ..reference import nm_matmul as nm_reference
 from ..tuning.tables import bucket
-from ..tuning.tuner import Candidate, DeviceLimits, TunableOp
+from ..tuning.tuner import Candidate, DeviceLimits, TunableOp, stored_config
 from ._prepared import prepared
 from .nm_tuning import TAG_DTYPE, TOLERANCE, dtype_tag
 
@@ -127,11 +127,12 @@ class _ActSparseTunable(TunableOp):
     def fits(self, cfg: kernel.ActSparseConfig, key: tuple) -> bool:
         return True
 
-    def from_entry(self, entry: dict[str, Any], key: tuple, limits: DeviceLimits,
-                   device: torch.device) -> Candidate | None:
+    def from_entry(self, entry: Any, key: tuple, limits: DeviceLimits, device: torch.device) -> Candidate | None:
+        if not isinstance(entry, dict):
+            return None
         if entry.get("impl") == "dense":
             return DENSE
-        if entry.get("impl") == "triton" and isinstance(entry.get("config"), dict):
+        if entry.get("impl") == "triton" and stored_config(kernel.ActSparseConfig, entry) is not None:
             cfg = kernel.config_from_dict(entry["config"])
             if cfg is not None and not (cfg.USE_DOT and key[0] in ("tf32", "fp32")) and self.fits(cfg, key):
                 return _triton(cfg)

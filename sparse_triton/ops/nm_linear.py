@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from ..formats.nm import NMTensor
+from ..formats.nm import NMTensor, check_indices
 from ..kernels import nm_matmul as kernel
 from ..kernels import nm_prune as prune_kernel
 from ..reference import nm_matmul as reference
@@ -150,7 +150,11 @@ def _check_bias(bias, N: int, dtype: torch.dtype, device: torch.device, where: s
 
 def linear_compressed(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias: torch.Tensor | None,
                       n: int, m: int, K: int) -> torch.Tensor:
-    """``nm_linear`` on the raw compressed parts, for callers that already validated them."""
+    """``nm_linear`` on the raw compressed parts, for callers that already validated their shapes, dtypes
+    and devices. The packed positions are checked here, once per version of ``indices``
+    (``formats.nm.check_indices``: malformed positions raise ``ValueError`` instead of computing garbage on
+    any path; no check while tracing or capturing a CUDA graph)."""
+    check_indices(indices, values.shape[-1], n, m, "nm_linear")
     lead = x.shape[:-1]
     x2d = x.reshape(math.prod(lead), K)
     if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad
@@ -166,7 +170,9 @@ def nm_linear(x: torch.Tensor, w_nm: NMTensor, bias: torch.Tensor | None = None)
 
     x: ``[..., K]``; w_nm: an :class:`NMTensor` of dense shape ``[N, K]``, N:M along K (``dim=-1``);
     bias: ``[N]`` or None. Returns ``[..., N]`` in ``x.dtype``. Gradients flow to ``x``, ``bias`` and
-    ``w_nm.values`` (at the kept positions; the mask stays fixed). CUDA tensors (fp16, bf16, fp32;
+    ``w_nm.values`` (at the kept positions; the mask stays fixed). A hand-built ``w_nm`` whose packed
+    positions are malformed (out of range, not ascending, garbage padding) raises ``ValueError``; the check
+    runs on the weight's device once per version of ``w_nm.indices``. CUDA tensors (fp16, bf16, fp32;
     m in {2, 4, 8, 16}) run whichever of our Triton kernels, cuSPARSELt (2:4) and dense cuBLAS the
     tuner measured fastest for the shape on this GPU (``sparse_triton.tuning``), so a tuned shape is
     never slower than the dense layer; other cases run the pure-torch reference.

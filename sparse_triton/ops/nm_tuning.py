@@ -6,7 +6,8 @@ Implementations of ``y = x @ W^T (+ bias)`` (``nm_linear_fwd``) and ``dx = dy @ 
 * ``dense``: cuBLAS on the dense weight (built once per weight by the decompress kernel and kept while
   the weight is unchanged, see ``ops._prepared``), the op a dense layer would run;
 * ``cusparselt``: ``torch._cslt_sparse_mm`` on cuSPARSELt's packing of the weight, for 2:4 in fp16 and
-  bf16 where torch ships cuSPARSELt (forward only: dX would need W^T to be 2:4 along N).
+  bf16 where torch ships cuSPARSELt and the GPU has sparse tensor cores (compute capability 8.0 and up;
+  forward only: dX would need W^T to be 2:4 along N).
 
 **The dispatch rule.** The dense implementation is a candidate for every key, and the tuner keeps the
 fastest candidate that passes the correctness check, so on a tuned shape (the user cache, a shipped
@@ -36,7 +37,7 @@ from ..kernels._launch import tf32_enabled
 from ..reference import nm_matmul as reference
 from ..reference import nm_prune as prune_reference
 from ..tuning.tables import bucket
-from ..tuning.tuner import Candidate, DeviceLimits, TunableOp
+from ..tuning.tuner import Candidate, DeviceLimits, TunableOp, stored_config
 from ._prepared import prepared
 
 DTYPE_TAG = {torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -61,12 +62,31 @@ def _precision(tag: str) -> str:
     return "ieee" if tag == "fp32" else "tf32"
 
 
-def cusparselt_supported(tag: str, n: int, m: int, N: int, K: int, device: torch.device) -> bool:
-    """Whether cuSPARSELt can run this forward: 2:4, fp16/bf16, N and K multiples of 16, CUDA."""
+def cusparselt_available() -> bool:
+    """Whether cuSPARSELt can run here at all: this torch build ships it (``torch._cslt_sparse_mm``) and a
+    CUDA device exists. A CUDA build of torch reports cuSPARSELt available on a machine without a GPU,
+    so the build alone does not decide."""
+    cslt = getattr(torch.backends, "cusparselt", None)
+    try:
+        return bool(cslt is not None and cslt.is_available() and hasattr(torch, "_cslt_sparse_mm")
+                    and torch.cuda.is_available())
+    except (RuntimeError, AttributeError):  # a broken CUDA install: no cuSPARSELt
+        return False
+
+
+# cuSPARSELt's sparse tensor-core MMA exists from Ampere on.
+CUSPARSELT_MIN_CAPABILITY = (8, 0)
+
+
+def cusparselt_supported(tag: str, n: int, m: int, N: int, K: int, device: torch.device,
+                         capability: tuple[int, int] | None = None) -> bool:
+    """Whether cuSPARSELt can run this forward: 2:4, fp16/bf16, N and K multiples of 16, on a CUDA device
+    (of compute ``capability`` >= 8.0 when given) with :func:`cusparselt_available`."""
     if device.type != "cuda" or (n, m) != (2, 4) or tag not in ("fp16", "bf16") or N % 16 or K % 16:
         return False
-    cslt = getattr(torch.backends, "cusparselt", None)
-    return bool(cslt is not None and cslt.is_available() and hasattr(torch, "_cslt_sparse_mm"))
+    if capability is not None and tuple(capability) < CUSPARSELT_MIN_CAPABILITY:
+        return False
+    return cusparselt_available()
 
 
 # ------------------------------------------------------------------------------------------ implementations
@@ -159,22 +179,24 @@ class _NMLinearTunable(TunableOp):
         cands += [_triton(c) for c in kernel.config_space(M, out_cols, red_len, dtype, precision, n, m, limits.sms,
                                                           limits.shared_memory, self.for_dx, weight_bytes)]
         cands.append(DENSE)
-        if not self.for_dx and cusparselt_supported(tag, n, m, N, K, device):
+        if not self.for_dx and cusparselt_supported(tag, n, m, N, K, device, limits.capability):
             cands.append(CUSPARSELT)
         unique: dict[str, Candidate] = {}
         for c in cands:
             unique.setdefault(c.name, c)
         return list(unique.values())
 
-    def from_entry(self, entry: dict[str, Any], key: tuple, limits: DeviceLimits,
-                   device: torch.device) -> Candidate | None:
+    def from_entry(self, entry: Any, key: tuple, limits: DeviceLimits, device: torch.device) -> Candidate | None:
+        if not isinstance(entry, dict):
+            return None
         tag, n, m, N, K, M = self._dims(key)
         impl = entry.get("impl")
         if impl == "dense":
             return DENSE
         if impl == "cusparselt":
-            return CUSPARSELT if not self.for_dx and cusparselt_supported(tag, n, m, N, K, device) else None
-        if impl == "triton" and isinstance(entry.get("config"), dict):
+            supported = not self.for_dx and cusparselt_supported(tag, n, m, N, K, device, limits.capability)
+            return CUSPARSELT if supported else None
+        if impl == "triton" and stored_config(kernel.NMMatmulConfig, entry) is not None:
             cfg = kernel.config_from_dict(entry["config"], m, _precision(tag))
             if cfg is not None and kernel.shared_memory_estimate(
                     cfg, TAG_DTYPE[tag], self.for_dx, n / m) <= limits.shared_memory:
@@ -247,13 +269,11 @@ class _MemoryBoundTunable(TunableOp):
         same = all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(outs, refs))
         return 0.0 if same else float("inf")
 
-    def _config(self, entry: dict[str, Any], cls, valid) -> Candidate | None:
-        d = entry.get("config")
-        if entry.get("impl") != "triton" or not isinstance(d, dict):
+    def _config(self, entry: Any, cls, valid) -> Candidate | None:
+        if not isinstance(entry, dict) or entry.get("impl") != "triton":
             return None
-        try:
-            cfg = cls(**d)
-        except TypeError:
+        cfg = stored_config(cls, entry)
+        if cfg is None:
             return None
         ints = [v for v in dataclasses.astuple(cfg) if not isinstance(v, bool)]
         if not all(isinstance(v, int) and 1 <= v <= 4096 and v & (v - 1) == 0 for v in ints) or not valid(cfg):

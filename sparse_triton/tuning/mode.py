@@ -22,6 +22,8 @@ import contextvars
 import os
 from collections.abc import Iterator
 
+from ..formats._checks import check_bool
+
 ENV = "SPARSE_TRITON_AUTOTUNE"
 _TRUE = ("1", "true", "on", "yes")
 _FALSE = ("0", "false", "off", "no")
@@ -57,8 +59,7 @@ def autotune(flag: bool) -> Iterator[None]:
     ...     st.tuning.autotune_enabled()
     False
     """
-    if not isinstance(flag, bool):
-        raise TypeError(f"autotune: flag must be True or False, got {flag!r}")
+    check_bool(flag, "flag", "autotune")
     token = _scoped.set(flag)
     try:
         yield

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..formats._checks import check_bool
+
 
 @dataclass(frozen=True)
 class LinearShape:
@@ -14,6 +16,9 @@ class LinearShape:
     N: int
     K: int
     bias: bool = False
+
+    def __post_init__(self):
+        check_bool(self.bias, "bias", "LinearShape")
 
     @property
     def dims(self) -> str:

@@ -7,22 +7,22 @@ field (``M``, the token count) is bucketed to powers of two, so one entry serves
 A shipped table has the cache file's layout (``tuning.cache``) and is package data, installed with the
 wheel. It is matched to a GPU by its file name (the GPU's slug). Its ``meta`` records the versions it
 was measured with; unlike the user cache it stays valid across Triton and torch upgrades, because a
-winning config is still a correct config, and a table for the right GPU beats a guess. A key missing
-from the table falls back to the entry of the nearest M bucket (in log2 distance, the larger on a tie)
-with every other field equal.
+winning config is still a correct config, and a table for the right GPU beats a guess. It is read and
+checked like the user cache (``tuning.cache.read_file``): a bad file, or a bad entry in it, warns once
+and is left out, never an exception. A key missing from the table falls back to the entry of the
+nearest M bucket (in log2 distance, the larger on a tie) with every other field equal.
 """
 
 from __future__ import annotations
 
 import bisect
-import json
 import math
 import threading
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .cache import FORMAT, _warn_once
+from .cache import read_file
 
 MAX_BUCKET = 1 << 24
 
@@ -128,26 +128,11 @@ def shipped_slugs(directory: Path | None = None) -> list[str]:
 
 def load_shipped(slug: str, directory: Path | None = None) -> ShippedTable:
     """The shipped table for GPU ``slug``; an empty table when there is none, or (with one warning)
-    when the file is unreadable, corrupt or in another format."""
+    when the file is unreadable, corrupt, in another format or malformed (``tuning.cache.read_file``:
+    malformed entries are left out, the rest is used)."""
     path = (directory or shipped_dir()) / f"{slug}.json"
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
+    found = read_file(path)
+    if found is None:
         return ShippedTable(None, {})
-    except OSError as e:
-        _warn_once(path, f"unreadable ({e})")
-        return ShippedTable(None, {})
-    try:
-        data = json.loads(text)
-    except ValueError as e:
-        _warn_once(path, f"not valid JSON, corrupt or truncated ({e})")
-        return ShippedTable(None, {})
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        _warn_once(path, f"not a format-{FORMAT} tuning table")
-        return ShippedTable(None, {})
-    entries = data.get("entries")
-    if not isinstance(entries, dict) or not all(
-            isinstance(v, dict) and all(isinstance(e, dict) for e in v.values()) for v in entries.values()):
-        _warn_once(path, "malformed 'entries'")
-        return ShippedTable(None, {})
-    return ShippedTable(path, entries, data.get("meta") if isinstance(data.get("meta"), dict) else None)
+    meta, entries = found
+    return ShippedTable(path, entries, meta)

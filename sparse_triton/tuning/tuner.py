@@ -18,6 +18,10 @@ path, or kernels under Triton's interpreter) nothing is looked up or timed and t
 An op plugs in through a :class:`TunableOp`: its key fields, its candidates (the heuristic default
 first; for ops with a dense equivalent, the dense implementation is always among them), how to rebuild a
 candidate from a stored entry, random inputs for a key, how to run a candidate, and its reference.
+
+Stored entries reach an op already checked for their JSON types (``tuning.cache.read_file``); an op's
+``from_entry`` must still answer None, never raise, for any entry, and a ``from_entry`` that raises
+anyway is treated as None with one warning: a bad cache never stops an op, it only costs a lookup step.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from typing import Any
 
 import torch
 
-from .cache import DeviceInfo, TuningCache
+from ..formats._checks import check_bool
+from .cache import DeviceInfo, TuningCache, _warn_once
 from .mode import autotune_enabled
 from .tables import ShippedTable, key_str, load_shipped
 
@@ -107,10 +112,10 @@ class TunableOp:
         """Every candidate for ``key`` that fits ``limits``, the heuristic default first."""
         raise NotImplementedError
 
-    def from_entry(self, entry: dict[str, Any], key: tuple, limits: DeviceLimits,
-                   device: torch.device) -> Candidate | None:
+    def from_entry(self, entry: Any, key: tuple, limits: DeviceLimits, device: torch.device) -> Candidate | None:
         """The candidate a stored entry names, or None if it is not valid here (unknown implementation,
-        a config that does not fit, a vendor kernel that is missing)."""
+        a config that does not fit, a vendor kernel that is missing). ``entry`` may be any JSON value:
+        answer None for anything malformed, never raise (see :func:`stored_config`)."""
         raise NotImplementedError
 
     def make_inputs(self, key: tuple, device: torch.device, generator: torch.Generator) -> dict[str, Any]:
@@ -136,6 +141,39 @@ class TunableOp:
     def error(self, out: Any, ref: Any) -> float:
         """How far a candidate's output is from the reference: ``max|out - ref| / max|ref|``."""
         return _max_rel_error(out, ref)
+
+
+def stored_config(cls: type, entry: Any) -> Any | None:
+    """``cls(**entry["config"])`` for a launch-config dataclass ``cls`` whose fields are ints and bools,
+    or None unless ``entry`` is a dict whose ``config`` is a dict naming only ``cls``'s fields, each of
+    its declared type: a bool field a ``bool``, an int field an ``int`` (not a bool) in ``[1, 2**20]``.
+    Whether the config is one that can run is the caller's next check.
+
+    >>> from dataclasses import dataclass
+    >>> @dataclass(frozen=True)
+    ... class Cfg:
+    ...     BM: int
+    ...     USE_DOT: bool = False
+    >>> stored_config(Cfg, {"config": {"BM": 16}}), stored_config(Cfg, {"config": {"BM": "16"}})
+    (Cfg(BM=16, USE_DOT=False), None)
+    """
+    d = entry.get("config") if isinstance(entry, dict) else None
+    if not isinstance(d, dict):
+        return None
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name, value in d.items():
+        f = fields.get(name)
+        if f is None:
+            return None
+        if f.type in (bool, "bool"):
+            if not isinstance(value, bool):
+                return None
+        elif isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 20:
+            return None
+    try:
+        return cls(**d)
+    except (TypeError, ValueError):  # a required field missing, or the class's own check
+        return None
 
 
 @dataclass
@@ -190,11 +228,11 @@ class Tuner:
                  device_info: DeviceInfo | None = None, limits: DeviceLimits | None = None,
                  tune_on_cpu: bool = False):
         self._timer = timer
+        self.tune_on_cpu = check_bool(tune_on_cpu, "tune_on_cpu", "Tuner")
         self.cache_root = cache_root
         self.shipped_dir = Path(shipped_dir) if shipped_dir is not None else None
         self._info = device_info
         self._limits = limits
-        self.tune_on_cpu = tune_on_cpu
         self._memo: dict[tuple, Choice] = {}
         self._caches: dict[str, TuningCache] = {}
         self._tables: dict[str, ShippedTable] = {}
@@ -280,12 +318,12 @@ class Tuner:
         limits = self.limits(device)
         cache = self.cache(info)
         table = self.shipped(info.slug)
-        for source, found in (("cache", (kstr, cache.get(op.name, kstr))),
-                              ("shipped", (kstr, table.get(op.name, kstr))),
-                              ("shipped-nearest", table.nearest(op.name, kstr, op.bucket_field))):
+        for source, found, path in (("cache", (kstr, cache.get(op.name, kstr)), cache.path),
+                                    ("shipped", (kstr, table.get(op.name, kstr)), table.path),
+                                    ("shipped-nearest", table.nearest(op.name, kstr, op.bucket_field), table.path)):
             if found is None or found[1] is None:
                 continue
-            cand = op.from_entry(found[1], key, limits, device)
+            cand = _from_entry(op, found[1], key, limits, device, path)
             if cand is not None:
                 return Choice(cand, source, found[0], found[1])
         if self._may_tune(device):
@@ -294,7 +332,7 @@ class Tuner:
                 return Choice(result.winner, "tuned", kstr, result.entry)
         nearest = ShippedTable(None, {op.name: cache.entries(op.name)}).nearest(op.name, kstr, op.bucket_field)
         if nearest is not None:
-            cand = op.from_entry(nearest[1], key, limits, device)
+            cand = _from_entry(op, nearest[1], key, limits, device, cache.path)
             if cand is not None:
                 return Choice(cand, "cache-nearest", nearest[0], nearest[1])
         return Choice(op.candidates(key, limits, device)[0], "heuristic", kstr)
@@ -308,6 +346,7 @@ class Tuner:
         A candidate that raises, or whose output misses the reference by more than the op's tolerance,
         is rejected before it is timed. Returns None (with a warning) if every candidate is rejected.
         """
+        check_bool(store, "store", "Tuner.tune")
         kstr = op.key_str(key)
         limits = self.limits(device)
         cands = list(candidates) if candidates is not None else op.candidates(key, limits, device)
@@ -328,7 +367,11 @@ class Tuner:
                     if not err <= tol:
                         rejected[cand.name] = f"error {err:.3g} > tolerance {tol:.3g}"
                         continue
-                    times[cand.name] = float(self.timer(cand.name, functools.partial(op.run, cand, inputs)))
+                    ms = float(self.timer(cand.name, functools.partial(op.run, cand, inputs)))
+                    if not (math.isfinite(ms) and ms >= 0):  # never stored: the cache holds real times only
+                        rejected[cand.name] = f"timer returned {ms} ms"
+                        continue
+                    times[cand.name] = ms
                 except Exception as e:  # noqa: BLE001 - a candidate that cannot run is simply not chosen
                     rejected[cand.name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             del inputs, ref
@@ -363,6 +406,17 @@ class Tuner:
         log.info("tuned %s [%s]: %s %.4f ms (%d candidates, %.2f s)", op.name, kstr, winner.name,
                  ranked[0][1], len(cands), entry["tune_s"])
         return result
+
+
+def _from_entry(op: TunableOp, entry: Any, key: tuple, limits: DeviceLimits, device: torch.device,
+                path: Path | None) -> Candidate | None:
+    """``op.from_entry(...)``, with an op that raises on a stored entry taken as None (one warning)."""
+    try:
+        return op.from_entry(entry, key, limits, device)
+    except Exception as e:  # noqa: BLE001 - a stored entry must never stop the op
+        _warn_once(path or "<memory>", f"{op.name}: from_entry raised {type(e).__name__}: {e} on entry {entry!r:.200}",
+                   what=f"from_entry:{op.name}")
+        return None
 
 
 def _index(device: torch.device) -> int:
