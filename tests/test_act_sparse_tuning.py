@@ -4,18 +4,13 @@ the tuner driving the real ops on CPU (interpreted kernels) with a fake timer.""
 import pytest
 import torch
 import torch.nn.functional as F
+from kit import CPU, CUDA, FakeTimer
 
 import sparse_triton as st
 from sparse_triton.kernels import act_sparse as kernel
-from sparse_triton.ops import _prepared
 from sparse_triton.ops import act_sparse as ops
 from sparse_triton.ops import act_sparse_tuning as at
-from sparse_triton.tuning import cache as tc
-from sparse_triton.tuning.tuner import H100_LIMITS, Tuner
-
-INFO = tc.DeviceInfo("NVIDIA H100 80GB HBM3", (9, 0), "3.6.0", "2.11.0", "0.1.0")
-CUDA = torch.device("cuda", 0)  # candidate lists only: nothing runs on it here
-CPU = torch.device("cpu")
+from sparse_triton.tuning.tuner import H100_LIMITS
 
 KEYS = ([(at.FWD, (tag, N, K, M, bias, thr)) for tag in ("fp16", "bf16", "tf32", "fp32")
          for N, K in ((4096, 14336), (1000, 300)) for M in (1, 2, 4, 8, 16, 64) for bias in (0, 1)
@@ -74,17 +69,6 @@ def test_exact_fp32_never_gets_a_tensor_core_config():
     assert at.FWD.from_entry(entry, ("fp16", 64, 64, 16, 0, "scalar"), H100_LIMITS, CUDA) is not None
 
 
-class _Timer:
-    def __init__(self, fastest):
-        self.fastest = fastest
-        self.calls = []
-
-    def __call__(self, name, fn):
-        fn()
-        self.calls.append(name)
-        return 1.0 if name == self.fastest else 5.0
-
-
 def _small(op_cls):
     class Small(op_cls):
         """The real op with its candidates cut to the interpreter's config and dense (the interpreter is slow)."""
@@ -95,24 +79,13 @@ def _small(op_cls):
     return Small()
 
 
-@pytest.fixture
-def tuner_factory(tmp_path):
-    def make(timer):
-        return Tuner(timer=timer, cache_root=tmp_path / "cache", shipped_dir=tmp_path / "shipped", device_info=INFO,
-                     tune_on_cpu=True)
-    previous = st.tuning.set_default_tuner(None)
-    yield make
-    st.tuning.set_default_tuner(previous)
-    _prepared.clear_weight_cache()
-
-
 @pytest.mark.parametrize("fastest", ["dense", "interp"])
 def test_real_ops_tune_check_and_run_the_winner(fastest, tuner_factory, monkeypatch):
     fwd, gate_up = _small(at.ActSparseLinearTunable), _small(at.ActSparseGateUpTunable)
     monkeypatch.setattr(at, "FWD", fwd)
     monkeypatch.setattr(at, "GATE_UP", gate_up)
     name = "dense" if fastest == "dense" else kernel.config_name(kernel.INTERPRET_CONFIG)
-    tuner = tuner_factory(_Timer(name))
+    tuner = tuner_factory(FakeTimer(fastest=name))
     st.tuning.set_default_tuner(tuner)
     x = torch.randn(3, 96)
     w = ops.input_major(torch.randn(48, 96))

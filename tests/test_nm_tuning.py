@@ -3,17 +3,13 @@ driving the real op on CPU (interpreted kernels) with a fake timer."""
 
 import pytest
 import torch
+from kit import CPU, CUDA, FakeTimer
 
 import sparse_triton as st
 from sparse_triton.kernels import nm_matmul as kernel
 from sparse_triton.ops import _prepared
 from sparse_triton.ops import nm_tuning as nt
-from sparse_triton.tuning import cache as tc
 from sparse_triton.tuning.tuner import H100_LIMITS, DeviceLimits, Tuner
-
-INFO = tc.DeviceInfo("NVIDIA H100 80GB HBM3", (9, 0), "3.6.0", "2.11.0", "0.1.0")
-CUDA = torch.device("cuda", 0)  # candidate lists only: nothing runs on it here
-CPU = torch.device("cpu")
 
 KEYS = [(op, (tag, f"{n}:{m}", N, K, M) + ((bias,) if op is nt.FWD else ()))
         for op in (nt.FWD, nt.BWD_DX)
@@ -113,36 +109,10 @@ class _Small(nt.NMLinearFwdTunable):
         return [full[0], gemv, nt.DENSE]
 
 
-class _Timer:
-    def __init__(self, fastest):
-        self.fastest = fastest
-        self.calls = []
-
-    def __call__(self, name, fn):
-        fn()
-        self.calls.append(name)
-        return 1.0 if name == self.fastest else 5.0
-
-
-@pytest.fixture
-def tuner_factory(tmp_path):
-    made = []
-
-    def make(timer, **kw):
-        t = Tuner(timer=timer, cache_root=tmp_path / "cache", shipped_dir=tmp_path / "shipped", device_info=INFO,
-                  tune_on_cpu=True, **kw)
-        made.append(t)
-        return t
-    previous = st.tuning.set_default_tuner(None)
-    yield make
-    st.tuning.set_default_tuner(previous)
-    _prepared.clear_weight_cache()
-
-
 def test_real_op_tunes_checks_and_runs_the_winner(tuner_factory, monkeypatch):
     op = _Small()
     monkeypatch.setattr(nt, "FWD", op)
-    tuner = tuner_factory(_Timer("dense"))
+    tuner = tuner_factory(FakeTimer(fastest="dense"))
     w = st.nm_compress(torch.randn(48, 96), 2, 4)
     st.tuning.set_default_tuner(tuner)
     x = torch.randn(5, 96)
@@ -207,7 +177,7 @@ def test_prune_and_gather_tuned_bit_exact(tuner_factory):
         def candidates(self, key, limits, device):
             return super().candidates(key, limits, device)[:3]
 
-    tuner = tuner_factory(_Timer("br4bg64groups1num_warps4"))
+    tuner = tuner_factory(FakeTimer(fastest="br4bg64groups1num_warps4"))
     key = ("fp16", "2:4", 40, 72)
     result = tuner.tune(Few(), key, CPU)
     assert result.winner.name == "br4bg64groups1num_warps4" and not result.rejected

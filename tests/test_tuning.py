@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from kit import CPU, H100_INFO, FakeTimer, no_timer
 
 from sparse_triton import tuning
 from sparse_triton.tuning import cache as tc
@@ -14,9 +15,8 @@ from sparse_triton.tuning import mode
 from sparse_triton.tuning.tables import ShippedTable, bucket, key_str, load_shipped, parse_key
 from sparse_triton.tuning.tuner import Candidate, TunableOp, Tuner
 
-INFO = tc.DeviceInfo("NVIDIA H100 80GB HBM3", (9, 0), "3.6.0", "2.11.0", "0.1.0")
+INFO = H100_INFO
 SLUG = INFO.slug
-CPU = torch.device("cpu")
 
 
 class ToyOp(TunableOp):
@@ -59,23 +59,15 @@ class ToyOp(TunableOp):
         return 1e-6
 
 
-class FakeTimer:
-    def __init__(self, times=None):
-        self.times = times or {"heur": 3.0, "wrong": 0.1, "boom": 0.1, "good": 1.0, "dense": 2.0}
-        self.calls = []
-
-    def __call__(self, name, fn):
-        fn()
-        self.calls.append(name)
-        return self.times[name]
+TIMES = {"heur": 3.0, "wrong": 0.1, "boom": 0.1, "good": 1.0, "dense": 2.0}
 
 
-def _no_timer(name, fn):
-    raise AssertionError(f"timed {name}")
+def fake_timer(times=None):
+    return FakeTimer(times or TIMES)
 
 
 def _tuner(tmp_path, timer=None, shipped=None, **kw):
-    return Tuner(timer=timer or FakeTimer(), cache_root=tmp_path / "cache",
+    return Tuner(timer=timer or fake_timer(), cache_root=tmp_path / "cache",
                  shipped_dir=shipped or (tmp_path / "shipped"), device_info=INFO, tune_on_cpu=True, **kw)
 
 
@@ -118,7 +110,7 @@ KSTR = "dtype=fp32|N=64|M=16"
 
 
 def test_tune_now_picks_fastest_correct_and_records(tmp_path):
-    op, timer = ToyOp(), FakeTimer()
+    op, timer = ToyOp(), fake_timer()
     tuner = _tuner(tmp_path, timer)
     choice = tuner.resolve(op, KEY, CPU)
     assert choice.source == "tuned" and choice.candidate.name == "good"
@@ -134,13 +126,13 @@ def test_memory_then_user_cache_then_no_retune(tmp_path):
     op = ToyOp()
     tuner = _tuner(tmp_path)
     tuner.resolve(op, KEY, CPU)
-    tuner._timer = _no_timer
+    tuner._timer = no_timer
     tuner.cache(INFO).path.unlink()  # memory answers without the file
     assert tuner.choose(op, KEY, CPU).name == "good"
     # a new process (new tuner) reads the user cache, and times nothing
-    tuner = _tuner(tmp_path, FakeTimer({"heur": 0.5, "good": 1.0, "dense": 2.0}))
+    tuner = _tuner(tmp_path, fake_timer({"heur": 0.5, "good": 1.0, "dense": 2.0}))
     tuner.resolve(op, KEY, CPU)  # re-tunes (file was deleted): heur wins now
-    fresh = _tuner(tmp_path, _no_timer)
+    fresh = _tuner(tmp_path, no_timer)
     choice = fresh.resolve(op, KEY, CPU)
     assert (choice.source, choice.candidate.name) == ("cache", "heur")
 
@@ -148,10 +140,10 @@ def test_memory_then_user_cache_then_no_retune(tmp_path):
 def test_user_cache_beats_shipped_and_shipped_beats_tuning(tmp_path):
     op = ToyOp()
     _write_table(tmp_path / "shipped", {"toy": {KSTR: {"name": "dense", "impl": "dense", "ms": 2.0}}})
-    choice = _tuner(tmp_path, _no_timer).resolve(op, KEY, CPU)
+    choice = _tuner(tmp_path, no_timer).resolve(op, KEY, CPU)
     assert (choice.source, choice.candidate.name) == ("shipped", "dense")
     tc.TuningCache(INFO, root=tmp_path / "cache").put("toy", KSTR, {"name": "heur", "impl": "kernel"})
-    choice = _tuner(tmp_path, _no_timer).resolve(op, KEY, CPU)
+    choice = _tuner(tmp_path, no_timer).resolve(op, KEY, CPU)
     assert (choice.source, choice.candidate.name) == ("cache", "heur")
 
 
@@ -161,7 +153,7 @@ def test_nearest_bucket_from_shipped_table(tmp_path, M, want_bucket):
     entries = {f"dtype=fp32|N=64|M={b}": {"name": name, "impl": "kernel"} for b, name in ((16, "heur"), (256, "good"))}
     entries["dtype=fp32|N=128|M=64"] = {"name": "dense", "impl": "dense"}  # other N: never a neighbour
     _write_table(tmp_path / "shipped", {"toy": entries})
-    choice = _tuner(tmp_path, _no_timer).resolve(op, ("fp32", 64, M), CPU)
+    choice = _tuner(tmp_path, no_timer).resolve(op, ("fp32", 64, M), CPU)
     assert choice.source == ("shipped" if M == want_bucket else "shipped-nearest")
     assert choice.key == f"dtype=fp32|N=64|M={want_bucket}"
     assert choice.candidate.name == ("heur" if want_bucket == 16 else "good")
@@ -182,7 +174,7 @@ def test_invalid_entries_fall_through(tmp_path):
 
 def test_tuning_off_uses_heuristic_then_tunes_when_allowed(tmp_path):
     op = ToyOp()
-    timer = FakeTimer()
+    timer = fake_timer()
     tuner = _tuner(tmp_path, timer)
     with tuning.autotune(False):
         choice = tuner.resolve(op, KEY, CPU)
@@ -195,7 +187,7 @@ def test_tuning_off_uses_heuristic_then_tunes_when_allowed(tmp_path):
 def test_tuning_off_prefers_user_cache_nearest_bucket(tmp_path):
     tc.TuningCache(INFO, root=tmp_path / "cache").put("toy", "dtype=fp32|N=64|M=64", {"name": "dense", "impl": "dense"})
     mode.set_autotune(False)
-    choice = _tuner(tmp_path, _no_timer).resolve(ToyOp(), KEY, CPU)
+    choice = _tuner(tmp_path, no_timer).resolve(ToyOp(), KEY, CPU)
     assert (choice.source, choice.candidate.name, choice.key) == ("cache-nearest", "dense", "dtype=fp32|N=64|M=64")
 
 
@@ -209,7 +201,7 @@ def test_every_candidate_failing_warns_and_falls_back(tmp_path):
 
 def test_cpu_without_tune_on_cpu_never_looks_up_or_times(tmp_path):
     _write_table(tmp_path / "shipped", {"toy": {KSTR: {"name": "dense", "impl": "dense"}}})
-    tuner = Tuner(timer=_no_timer, cache_root=tmp_path / "cache", shipped_dir=tmp_path / "shipped")
+    tuner = Tuner(timer=no_timer, cache_root=tmp_path / "cache", shipped_dir=tmp_path / "shipped")
     choice = tuner.resolve(ToyOp(), KEY, CPU)
     assert (choice.source, choice.candidate.name) == ("first", "heur")
     assert not (tmp_path / "cache").exists()
@@ -225,7 +217,7 @@ def test_tuning_leaves_the_callers_random_stream_alone(tmp_path):
 
 def test_cache_dir_env(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSE_TRITON_CACHE_DIR", str(tmp_path / "env-cache"))
-    tuner = Tuner(timer=FakeTimer(), shipped_dir=tmp_path / "shipped", device_info=INFO, tune_on_cpu=True)
+    tuner = Tuner(timer=fake_timer(), shipped_dir=tmp_path / "shipped", device_info=INFO, tune_on_cpu=True)
     tuner.resolve(ToyOp(), KEY, CPU)
     data = json.loads((tmp_path / "env-cache" / SLUG / "tuning.json").read_text())
     assert data["entries"]["toy"][KSTR]["name"] == "good"
@@ -268,7 +260,7 @@ def test_bad_shipped_table_warns_and_is_empty(tmp_path, text):
 
 def _tune_in_process(args):
     root, shipped, worker = args
-    tuner = Tuner(timer=FakeTimer(), cache_root=root, shipped_dir=shipped, device_info=INFO, tune_on_cpu=True)
+    tuner = Tuner(timer=fake_timer(), cache_root=root, shipped_dir=shipped, device_info=INFO, tune_on_cpu=True)
     op = ToyOp(names=("heur", "good", "dense"))
     for M in range(1, 9):
         tuner.resolve(op, ("fp32", 16 * (worker + 1), 2 ** M), CPU)

@@ -5,10 +5,11 @@ import multiprocessing as mp
 import warnings
 
 import pytest
+from kit import H100_INFO
 
 from sparse_triton.tuning import cache as tc
 
-INFO = tc.DeviceInfo("NVIDIA H100 80GB HBM3", (9, 0), "3.6.0", "2.11.0", "0.1.0")
+INFO = H100_INFO
 
 
 @pytest.fixture(autouse=True)
