@@ -16,6 +16,17 @@ weight row is read when its channel is active in *any* row of the block (the uni
 inactive for one token but not for another still get the exact masked product, since the inactive
 token's x is zeroed.
 
+**Non-finite weights.** An inactive input contributes exactly nothing: its weight row is never read for
+that row, so an inf or NaN there does not reach the row's output (where ``F.linear(x * (|x| > t), W)``
+would give ``0 * inf = NaN``); a NaN input counts as active and makes its row NaN. One row per tile
+(BM = 1, decode) reads exactly its own rows. Under the union rule (BM > 1) a row meets the weight rows
+of inputs active only in other rows, and ``0 * inf`` would leak into it; such a leak always leaves a
+NaN in the row. So after a BM > 1 launch, ``_act_sparse_fix_kernel`` reads the output once and, only
+for a row that holds a NaN (a leak, or a NaN the rule gives), recomputes it reading only the weight rows
+of its own active inputs. In a kernel of its own that rare code costs the fast kernels nothing (their
+code is as it was); the price is one small launch and one read of the output. The reference
+(``reference/act_sparse.py``) computes the same rule. The gate's ReLU keeps a NaN NaN (torch.relu does).
+
 **Parallelism.** Decode GEMVs have few output tiles, so the reduction over K is split across
 ``SPLIT`` programs. Partial sums go to an fp32 workspace and the *last* program of a tile to arrive
 (an atomic counter per tile) folds them in split order (deterministic), adds the bias, writes the
@@ -176,14 +187,61 @@ def _act_sparse_mm_kernel(p_x, p_w, p_idx, p_t, p_b, p_y, p_ws, p_cnt,
 
 @triton.jit
 def _gated(g, u, ACT: tl.constexpr):
+    # a NaN-propagating max: a NaN gate stays NaN, as torch.relu has it (a hardware max would give 0)
     if ACT == 0:
         a = g * tl.sigmoid(g)
     elif ACT == 1:
-        a = tl.maximum(g, 0.0)
+        a = tl.maximum(g, 0.0, propagate_nan=tl.PropagateNan.ALL)
     else:
-        a = tl.maximum(g, 0.0)
+        a = tl.maximum(g, 0.0, propagate_nan=tl.PropagateNan.ALL)
         a = a * a
     return a * u
+
+
+@triton.heuristics({"HAS_BIAS": lambda args: args["p_b"] is not None})
+@triton.jit
+def _act_sparse_fix_kernel(p_x, p_w, p_w2, p_idx, p_t, p_b, p_y, M, N, K, G, stride_xm, stride_wk, stride_ik,
+                           stride_ym, HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, GATED: tl.constexpr,
+                           ACT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NM_N: tl.constexpr,
+                           NM_M: tl.constexpr, BITS: tl.constexpr):
+    """After a launch with BM > 1: the ``BN`` outputs of row ``program_id(1)`` recomputed, reading only the
+    weight rows of the row's own active inputs, if the stored ones hold a NaN; else nothing.
+
+    Pointers as in ``_act_sparse_mm_kernel`` (GATED: as in ``_act_sparse_gate_up_kernel``, p_w / p_w2
+    the gate / up weights, ``act(x Wg) * (x Wu)`` with ACT); p_y: the output just written ``[M, N]`` (row
+    stride ``stride_ym``). Grid: (column tiles of BN, M)."""
+    i_n = tl.program_id(0)
+    row = tl.program_id(1)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    stored = tl.load(p_y + row * stride_ym + o_n, mask=m_n, other=0.0)
+    if tl.max(tl.where(stored != stored, 1, 0), 0) > 0:
+        # per-lane partial products, reduced once after the loop (the decode GEMV's form)
+        y = tl.zeros([BK, BN], dtype=tl.float32)
+        y2 = tl.zeros([BK, BN], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            o_k = k0 + tl.arange(0, BK)
+            m_k = o_k < K
+            b_x = tl.load(p_x + row * stride_xm + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
+            if PER_CHANNEL:
+                b_t = tl.load(p_t + o_k, mask=m_k, other=0.0)
+            else:
+                b_t = tl.load(p_t)
+            on = ((tl.abs(b_x) > b_t) | (b_x != b_x)) & m_k  # NaN is active
+            b_x = tl.where(on, b_x, 0.0)
+            b_w = _w_tile(p_w, p_idx, o_k, on, i_n, o_n, m_n, G, stride_wk, stride_ik, BK, BN, NM_N, NM_M,
+                          BITS)  # [BK, BN], zero in the rows of inactive inputs (never read)
+            y += b_x[:, None] * b_w.to(tl.float32)
+            if GATED:
+                b_w2 = _w_tile(p_w2, p_idx, o_k, on, i_n, o_n, m_n, G, stride_wk, stride_ik, BK, BN, NM_N, NM_M,
+                               BITS)
+                y2 += b_x[:, None] * b_w2.to(tl.float32)
+        out = tl.sum(y, 0)
+        if GATED:
+            out = _gated(out, tl.sum(y2, 0), ACT)
+        elif HAS_BIAS:
+            out += tl.load(p_b + o_n, mask=m_n, other=0.0).to(tl.float32)
+        tl.store(p_y + row * stride_ym + o_n, out.to(p_y.dtype.element_ty), mask=m_n)
 
 
 @triton.jit
@@ -266,6 +324,9 @@ class ActSparseConfig:
 
 # Large tiles for the interpreter (its cost is programs x loop steps).
 INTERPRET_CONFIG = ActSparseConfig(BM=16, BN=128, BK=128)
+# _act_sparse_fix_kernel: output columns per program (a read of the output, mostly), weight rows per step
+# of a recompute (rare), warps, and a register cap that keeps ptxas from trading spills for occupancy
+FIX_BN, FIX_BK, FIX_WARPS, FIX_MAXNREG = 128, 32, 4, 255
 
 # (BN, BK, warps) of the broadcast-sum tiles: the largest that compile without spills on sm_90 for the
 # ragged launch of both kernels (gate/up holds two accumulators) in every dtype.
@@ -402,7 +463,19 @@ def _launch_mm(x, w, idx, threshold, bias, out, N, G, stride_wk, stride_ik, nm, 
             out.stride(0), PER_CHANNEL=per_channel, USE_WS=n_split > 1, USE_DOT=cfg.USE_DOT, BM=cfg.BM,
             BN=cfg.BN, BK=cfg.BK, NM_N=n, NM_M=m, BITS=index_bits(m) if m else 1,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if cfg.BM > 1:
+            _fix(x, w, w, idx, t, per_channel, bias, out, N, G, stride_wk, stride_ik, nm, False, 0)
     return out
+
+
+def _fix(x, w, w2, idx, t, per_channel, bias, out, N, G, stride_wk, stride_ik, nm, gated, act):
+    """Launch ``_act_sparse_fix_kernel`` over ``out [M, N]`` (after a BM > 1 launch)."""
+    M, K = x.shape
+    n, m = nm
+    _act_sparse_fix_kernel[(triton.cdiv(N, FIX_BN), M)](
+        x, w, w2, idx, t, bias, out, M, N, K, G, x.stride(0), stride_wk, stride_ik, out.stride(0),
+        PER_CHANNEL=per_channel, GATED=gated, ACT=act, BN=FIX_BN, BK=FIX_BK, NM_N=n, NM_M=m,
+        BITS=index_bits(m) if m else 1, num_warps=FIX_WARPS, num_stages=1, maxnreg=FIX_MAXNREG)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -476,6 +549,9 @@ def act_sparse_gate_up(x: torch.Tensor, wg_t: torch.Tensor, wu_t: torch.Tensor, 
             x, wg_t, wu_t, t, out, ws, cnt, M, N, K, per, n_split, x.stride(0), wg_t.stride(0), out.stride(0),
             PER_CHANNEL=per_channel, USE_WS=n_split > 1, USE_DOT=cfg.USE_DOT, ACT=ACT_CODES[activation],
             BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if cfg.BM > 1:
+            _fix(x, wg_t, wu_t, wg_t, t, per_channel, None, out, N, 0, wg_t.stride(0), 0, (0, 0), True,
+                 ACT_CODES[activation])
     return out
 
 
@@ -497,8 +573,8 @@ def _default_configs(dtype: torch.dtype) -> list[ActSparseConfig]:
 def compile_variants():
     """Yield ``(label, kernel, signature, constexprs, options, attrs)``: the heuristic's configs for every
     dtype and both threshold kinds, N:M patterns on the decode and a tensor-core config, the gate/up
-    kernel with each activation; each as a ragged and an aligned launch. (The interpreter's config runs
-    on CPU only; its code shape is the broadcast-sum one checked here.)"""
+    kernel with each activation, and the fix-up kernel; each as a ragged and an aligned launch. (The
+    interpreter's config runs on CPU only; its code shape is the broadcast-sum one checked here.)"""
     ints = ("M", "N", "K", "G", "k_per_split", "n_split", "stride_xm", "stride_wk", "stride_ik", "stride_ym")
     for dtype, ptr in _PTR.items():
         for cfg in _default_configs(dtype):
@@ -532,3 +608,15 @@ def compile_variants():
                                            _act_sparse_gate_up_kernel, sig, const,
                                            {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
                                            ("M",) if cfg.BM == 1 else ())
+        # the fix-up after a BM > 1 launch: dense and N:M weights, both threshold kinds, and the gated form
+        fix_ints = ("M", "N", "K", "G", "stride_xm", "stride_wk", "stride_ik", "stride_ym")
+        for (n, m), per_channel, gated in (((0, 0), False, False), ((0, 0), True, False), ((2, 4), False, False),
+                                           ((4, 16), False, False), ((0, 0), False, True)):
+            sig = {"p_x": ptr, "p_w": ptr, "p_w2": ptr, "p_idx": "*i32" if m else ptr, "p_t": "*fp32", "p_b": ptr,
+                   "p_y": ptr, **dict.fromkeys(fix_ints, "i32")}
+            const = {"HAS_BIAS": not gated, "PER_CHANNEL": per_channel, "GATED": gated, "ACT": 0, "BN": FIX_BN,
+                     "BK": FIX_BK, "NM_N": n, "NM_M": m, "BITS": index_bits(m) if m else 1}
+            label = (f"act_sparse.fix {str(dtype)[6:]}{f' {n}:{m}' if m else ''}{' channel' if per_channel else ''}"
+                     f"{' gated' if gated else ''}")
+            yield from specializations(label, _act_sparse_fix_kernel, sig, const,
+                                       {"num_warps": FIX_WARPS, "num_stages": 1, "maxnreg": FIX_MAXNREG})

@@ -24,6 +24,24 @@ above the diagonal are skipped. A query row with no allowed key ends with
 ``l = 0``: it writes ``o = 0`` and ``lse = -inf`` (the running max is kept finite for the exponentials,
 so no NaN appears), and contributes nothing to any gradient.
 
+Non-finite inputs. A key a query cannot see is not in that query's sum, so a NaN or inf in its k or v
+reaches neither the query's ``o``/``lse`` nor its ``dq``, nor ``dk``/``dv`` of other keys; a non-finite
+value at a visible key reaches the query as the dense formula over the allowed keys says
+(``reference/attention.py``; an lse is ``+inf`` where a score is ``+inf``, NaN where one is NaN). Masked
+scores are selected to ``-inf`` and masked dS in dQ to 0 (a masked key's NaN goes with them), so only
+the products can carry a masked value into a sum, as ``0 * inf = NaN``: ``P @ V`` (forward), ``dS @ K``
+(dQ), and in dK/dV a key's own v or k against a masked pair or a query row past Sq. Such a leak always
+leaves a NaN. So the forward kernel checks its tile once after the loops and records per program whether
+a row holds a NaN (nothing changes in the loops, and full tiles, which have no masked pair, are exact
+anyway); the backward kernels, where even that cost registers, are left as they are. A second launch
+(``_attn_fix_kernel`` after the forward, ``_attn_bwd_fix_kernel`` after the backward, for dQ and dK/dV)
+exits at once in the programs where nothing was recorded (after the backward: reads the tile's rows of
+dq, or of dk and dv), and otherwise recomputes each row whose stored output holds a NaN (a leak, or a
+NaN the formula gives) one row at a time, with vector code that adds a pair's terms only where the pair
+is allowed (``_fwd_row_step``, ``_dq_row_step``, ``_kv_row_step``). Kept out of the fast kernels, that
+rare code costs them no registers; the price is one launch that reads a flag per forward program, and
+dq, dk, dv after the backward.
+
 The kernels' tiles (BM query rows x BN keys) divide the mask's blocks (BQ x BK); a program handles
 the sub-tiles of one block in turn. GQA/MQA is native: query head ``h`` reads kv head ``h // G``.
 """
@@ -84,6 +102,21 @@ def _visible(start_n, last_m, IS_CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _final_lse(m_i, l_i, unit):
+    """The lse of an online softmax ``(m, l)`` (log2 units) times ``unit`` (ln 2 for natural log): ``-inf``
+    for a row without keys (``l = 0``), ``+inf`` for a row with a ``+inf`` score (there ``l`` is NaN,
+    ``inf - inf``), NaN for a NaN score."""
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))) * unit)
+    return tl.where(m_i == float("inf"), float("inf"), lse)
+
+
+@triton.jit
+def _any_nan(acc, m_row):
+    """int32 scalar: 1 if a valid row (``m_row``) of ``acc [BM, BLOCK_D]`` holds a NaN, else 0."""
+    return tl.max(tl.max(tl.where(m_row[:, None] & (acc != acc), 1, 0), 1), 0)
+
+
+@triton.jit
 def _fwd_tile(acc, m_i, l_i, b_q, p_k, p_v, s_ks, s_vs, offs_m, start_n, Skv, slot, p_bits, qk_scale,
               MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BQ: tl.constexpr,
               BK: tl.constexpr, BN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BITS: tl.constexpr,
@@ -108,7 +141,7 @@ def _fwd_tile(acc, m_i, l_i, b_q, p_k, p_v, s_ks, s_vs, offs_m, start_n, Skv, sl
 
 
 @triton.jit
-def _attn_fwd_kernel(p_q, p_k, p_v, p_o, p_lse, p_kvn, p_kvi, p_fkvn, p_fkvi, p_bits, p_slot,
+def _attn_fwd_kernel(p_q, p_k, p_v, p_o, p_lse, p_kvn, p_kvi, p_fkvn, p_fkvi, p_bits, p_slot, p_flag,
                      Sq, Skv, Hq, G, qk_scale,
                      s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ob, s_oh, s_os,
                      s_nb, s_nh, s_nq, s_ib, s_ih, s_iq,
@@ -120,7 +153,8 @@ def _attn_fwd_kernel(p_q, p_k, p_v, p_o, p_lse, p_kvn, p_kvi, p_fkvn, p_fkvi, p_
     p_q ``[B, Hq, Sq, D]``, p_k/p_v ``[B, Hkv, Skv, D]``, p_o ``[B, Hq, Sq, D]`` (unit stride along D);
     p_lse fp32 ``[B, Hq, Sq]`` contiguous. Mask (int32, B/H strides may be 0): p_kvn/p_fkvn
     ``[B, H, NQ]`` partial/full counts, p_kvi/p_fkvi ``[B, H, NQ, NKV]`` their sorted kv block indices,
-    p_slot ``[B, H, NQ, NKV]`` bitmask slots aligned with p_kvi, p_bits ``[P, BQ, ceil(BK/32)]``.
+    p_slot ``[B, H, NQ, NKV]`` bitmask slots aligned with p_kvi, p_bits ``[P, BQ, ceil(BK/32)]``. p_flag
+    int32 ``[B * Hq, cdiv(Sq, BM)]``: written 1 where a row of the tile holds a NaN, else 0.
     """
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
@@ -175,14 +209,14 @@ def _attn_fwd_kernel(p_q, p_k, p_v, p_o, p_lse, p_kvn, p_kvi, p_fkvn, p_fkvi, p_
                                               p_bits, qk_scale, False, HEAD_DIM, BLOCK_D, BQ, BK, BN, IS_CAUSAL,
                                               False, PRECISION)
 
-    has_key = l_i > 0.0
-    l_safe = tl.where(has_key, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a NaN l (NaN or +inf score) keeps the row NaN
+    lse = _final_lse(m_i, l_i, 0.6931471805599453)
     m_row = offs_m < Sq
     tl.store(p_o + i_b * s_ob + i_h * s_oh + offs_m[:, None] * s_os + offs_d[None, :],
              out.to(p_o.dtype.element_ty), mask=m_row[:, None] & (offs_d < HEAD_DIM)[None, :])
     tl.store(p_lse + i_bh * Sq + offs_m, lse, mask=m_row)
+    # for _attn_fix_kernel: whether a row holds a NaN (a masked key's inf/NaN v, or the formula's NaN)
+    tl.store(p_flag + i_bh * tl.num_programs(0) + i_m, _any_nan(acc, m_row))
 
 
 @triton.jit
@@ -197,11 +231,12 @@ def _dq_tile(dq, b_q, b_do, lse2, delta, p_k, p_v, s_ks, s_vs, offs_m, start_n, 
     b_vt = tl.load(p_v + offs_n[None, :] * s_vs + offs_d[:, None], mask=m_ld, other=0.0)  # [BLOCK_D, BN]
     s = tl.dot(b_q, b_kt, input_precision=PRECISION, out_dtype=tl.float32) * qk_scale  # [BM, BN]
     p = tl.exp2(s - lse2[:, None])
-    if MASKED:
-        allowed = _elem_mask(offs_m, offs_n, Skv, slot, p_bits, True, BQ, BK, IS_CAUSAL, HAS_BITS)
-        p = tl.where(allowed, p, 0.0)
     dp = tl.dot(b_do, b_vt, input_precision=PRECISION, out_dtype=tl.float32)  # [BM, BN]
     ds = p * (dp - delta[:, None])
+    if MASKED:
+        # selected (not multiplied) to 0: a masked key's NaN score or inf/NaN v makes p or dp NaN there
+        allowed = _elem_mask(offs_m, offs_n, Skv, slot, p_bits, True, BQ, BK, IS_CAUSAL, HAS_BITS)
+        ds = tl.where(allowed, ds, 0.0)
     dq = tl.dot(ds.to(b_kt.dtype), tl.trans(b_kt), dq, input_precision=PRECISION, out_dtype=tl.float32)
     return dq
 
@@ -387,6 +422,280 @@ def _attn_bwd_dkv_kernel(p_q, p_k, p_v, p_do, p_lse, p_delta, p_dk, p_dv, p_qn, 
 
 
 # --------------------------------------------------------------------------------------------------
+# exact fix-up of rows that hold a NaN (rare; see the module docstring)
+
+
+@triton.jit
+def _row_mask(q, offs_n, Skv, slot, p_bits, BQ: tl.constexpr, BK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+              HAS_BITS: tl.constexpr):
+    """``_elem_mask`` of one query ``q`` (a scalar) and the keys ``offs_n``: bool ``[len(offs_n)]``."""
+    W: tl.constexpr = (BK + 31) // 32
+    allowed = offs_n < Skv
+    if IS_CAUSAL:
+        allowed = allowed & (offs_n <= q)
+    if HAS_BITS:
+        col = offs_n % BK
+        # slot -1 (no bitmask) reads as all bits set
+        words = tl.load(p_bits + slot * (BQ * W) + (q % BQ) * W + col // 32, mask=(col * 0 + slot) >= 0, other=-1)
+        allowed = allowed & (((words >> (col % 32)) & 1) != 0)
+    return allowed
+
+
+@triton.jit
+def _row_keys(p_k, p_v, s_ks, s_vs, row, start_n, Skv, slot, p_bits, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              BQ: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, IS_CAUSAL: tl.constexpr,
+              HAS_BITS: tl.constexpr):
+    """The K and V rows ``[BN, BLOCK_D]`` (fp32) of the keys ``start_n ..`` and which the query ``row`` may
+    see ``[BN]``."""
+    offs_n = start_n + tl.arange(0, BN)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ld = (offs_n < Skv)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    b_k = tl.load(p_k + offs_n[:, None] * s_ks + offs_d[None, :], mask=m_ld, other=0.0).to(tl.float32)
+    b_v = tl.load(p_v + offs_n[:, None] * s_vs + offs_d[None, :], mask=m_ld, other=0.0).to(tl.float32)
+    return b_k, b_v, _row_mask(row, offs_n, Skv, slot, p_bits, BQ, BK, IS_CAUSAL, HAS_BITS)
+
+
+@triton.jit
+def _fwd_row_step(acc, m_i, l_i, q_row, b_k, b_v, allowed, qk_scale):
+    """One online-softmax step of one query row over a key tile, exact for inf and NaN: a NaN score makes
+    the running max NaN (a hardware max skips it), and a key adds ``p * v`` only where it is allowed."""
+    s = tl.where(allowed, tl.sum(b_k * q_row[None, :], 1) * qk_scale, float("-inf"))  # [BN], log2 units
+    s_max = tl.where(tl.max(tl.where(s != s, 1, 0), 0) > 0, float("nan"), tl.max(s, 0))
+    m_new = tl.maximum(m_i, s_max, propagate_nan=tl.PropagateNan.ALL)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use)
+    l_i = l_i * alpha + tl.sum(p, 0)
+    acc = acc * alpha + tl.sum(tl.where(allowed[:, None], p[:, None] * b_v, 0.0), 0)  # [BLOCK_D]
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _dq_row_step(dq, q_row, do_row, lse2, delta, b_k, b_v, allowed, qk_scale):
+    """dQ (unscaled) of one query row over a key tile, a key's ``dS * k`` added only where it is allowed."""
+    p = tl.exp2(tl.sum(b_k * q_row[None, :], 1) * qk_scale - lse2)  # [BN]
+    ds = tl.where(allowed, p * (tl.sum(b_v * do_row[None, :], 1) - delta), 0.0)
+    return dq + tl.sum(tl.where(allowed[:, None], ds[:, None] * b_k, 0.0), 0)  # [BLOCK_D]
+
+
+@triton.jit
+def _col_mask(offs_m, key, Sq, Skv, slot, p_bits, BQ: tl.constexpr, BK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+              HAS_BITS: tl.constexpr):
+    """The element rule of the queries ``offs_m`` and one ``key`` (a scalar): bool ``[len(offs_m)]``."""
+    W: tl.constexpr = (BK + 31) // 32
+    allowed = (offs_m < Sq) & (key < Skv)
+    if IS_CAUSAL:
+        allowed = allowed & (key <= offs_m)
+    if HAS_BITS:
+        col = key % BK
+        # slot -1 (no bitmask) reads as all bits set
+        words = tl.load(p_bits + slot * (BQ * W) + (offs_m % BQ) * W + col // 32, mask=(offs_m * 0 + slot) >= 0,
+                        other=-1)
+        allowed = allowed & (((words >> (col % 32)) & 1) != 0)
+    return allowed
+
+
+@triton.jit
+def _row_stats(p_lse, p_delta, offs_m, m_row):
+    """The rows' log2-unit lse (``+inf`` for a row without keys: its p = exp2(s - inf) = 0) and delta."""
+    lse = tl.load(p_lse + offs_m, mask=m_row, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    return lse2, tl.load(p_delta + offs_m, mask=m_row, other=0.0)
+
+
+@triton.jit
+def _kv_row_step(dk, dv, k_row, v_row, b_q, b_do, lse2, delta, allowed, qk_scale):
+    """dK (unscaled) and dV of one key over a query tile, a query's terms added only where allowed."""
+    p = tl.exp2(tl.sum(b_q * k_row[None, :], 1) * qk_scale - lse2)  # [BM]
+    ds = tl.where(allowed, p * (tl.sum(b_do * v_row[None, :], 1) - delta), 0.0)
+    dv += tl.sum(tl.where(allowed[:, None], p[:, None] * b_do, 0.0), 0)
+    dk += tl.sum(tl.where(allowed[:, None], ds[:, None] * b_q, 0.0), 0)
+    return dk, dv
+
+
+@triton.jit
+def _fix_q_tile(i_m, i_bh, n_m, p_q, p_k, p_v, p_do, p_lse, p_delta, p_out, p_lse_out, p_kvn, p_kvi, p_fkvn, p_fkvi,
+                p_bits, p_slot, p_flag, Sq, Skv, Hq, G, qk_scale, sm_scale,
+                s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_dob, s_doh, s_dos, s_ob, s_oh, s_os,
+                s_nb, s_nh, s_nq, s_ib, s_ih, s_iq,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
+                BN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BITS: tl.constexpr, DQ: tl.constexpr):
+    """Query tile ``i_m`` of ``i_bh`` (one program of the fast grid, ``n_m`` tiles per row of it): its
+    rows whose stored output (o, or dq with DQ) holds a NaN, recomputed one at a time over the tile's kv
+    lists (``_fwd_row_step`` / ``_dq_row_step``) and stored again (o and lse; dq). The forward records
+    whether its tile holds a NaN (``p_flag``); the dQ kernel, where the flag cost registers, does not:
+    its rows are read here instead."""
+    go = 1
+    if not DQ:
+        go = tl.load(p_flag + i_bh * n_m + i_m)
+    if go != 0:
+        i_b = i_bh // Hq
+        i_h = i_bh % Hq
+        i_hk = i_h // G
+        start_m = i_m * BM
+        i_qb = start_m // BQ
+        offs_d = tl.arange(0, BLOCK_D)
+        m_d = offs_d < HEAD_DIM
+        p_q += i_b * s_qb + i_h * s_qh
+        p_k += i_b * s_kb + i_hk * s_kh
+        p_v += i_b * s_vb + i_hk * s_vh
+        p_out += i_b * s_ob + i_h * s_oh
+        o_n = i_b * s_nb + i_h * s_nh + i_qb * s_nq
+        o_i = i_b * s_ib + i_h * s_ih + i_qb * s_iq
+        n_part = tl.load(p_kvn + o_n)
+        n_full = tl.load(p_fkvn + o_n)
+        for row in range(start_m, tl.minimum(start_m + BM, Sq)):
+            stored = tl.load(p_out + row * s_os + offs_d, mask=m_d, other=0.0)
+            if tl.max(tl.where(stored != stored, 1, 0), 0) > 0:
+                q_row = tl.load(p_q + row * s_qs + offs_d, mask=m_d, other=0.0).to(tl.float32)
+                acc = tl.zeros([BLOCK_D], tl.float32)
+                m_i = float("-inf")
+                l_i = 0.0
+                lse2 = 0.0
+                delta = 0.0
+                do_row = q_row
+                if DQ:
+                    do_row = tl.load(p_do + i_b * s_dob + i_h * s_doh + row * s_dos + offs_d, mask=m_d,
+                                     other=0.0).to(tl.float32)
+                    lse = tl.load(p_lse + i_bh * Sq + row)
+                    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+                    delta = tl.load(p_delta + i_bh * Sq + row)
+                for t in range(0, n_part + n_full):
+                    slot = -1
+                    if t < n_part:
+                        i_kb = tl.load(p_kvi + o_i + t)
+                        if HAS_BITS:
+                            slot = tl.load(p_slot + o_i + t)
+                    else:
+                        i_kb = tl.load(p_fkvi + o_i + t - n_part)
+                    for sub in range(0, BK // BN):
+                        b_k, b_v, allowed = _row_keys(p_k, p_v, s_ks, s_vs, row, i_kb * BK + sub * BN, Skv, slot,
+                                                      p_bits, HEAD_DIM, BLOCK_D, BQ, BK, BN, IS_CAUSAL, HAS_BITS)
+                        if DQ:
+                            acc = _dq_row_step(acc, q_row, do_row, lse2, delta, b_k, b_v, allowed, qk_scale)
+                        else:
+                            acc, m_i, l_i = _fwd_row_step(acc, m_i, l_i, q_row, b_k, b_v, allowed, qk_scale)
+                if DQ:
+                    tl.store(p_out + row * s_os + offs_d, (acc * sm_scale).to(p_out.dtype.element_ty), mask=m_d)
+                else:
+                    out = acc / tl.where(l_i == 0.0, 1.0, l_i)
+                    tl.store(p_out + row * s_os + offs_d, out.to(p_out.dtype.element_ty), mask=m_d)
+                    tl.store(p_lse_out + i_bh * Sq + row, _final_lse(m_i, l_i, 0.6931471805599453))
+
+
+@triton.jit
+def _fix_kv_tile(i_n, i_bkh, p_q, p_k, p_v, p_do, p_lse, p_delta, p_dk, p_dv, p_qn, p_qi, p_fqn, p_fqi, p_bits,
+                 p_slot, Sq, Skv, Hkv, G, qk_scale, sm_scale,
+                 s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_dob, s_doh, s_dos,
+                 s_nb, s_nh, s_nk, s_ib, s_ih, s_ik,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+                 FIX_BM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BITS: tl.constexpr):
+    """Kv tile ``i_n`` (``BN`` keys) of ``i_bkh``: its keys whose stored dk or dv holds a NaN, recomputed one at
+    a time over the transposed lists of every query head of the group, FIX_BM queries a step
+    (``_kv_row_step``), and stored again. Where the fast kernel multiplies dS by a key's own v or k, a
+    masked pair with an inf/NaN there (or a query row past Sq times an inf k) makes 0 * inf; here it is
+    not in the sum. The dK/dV kernel keeps no flag (it has no register to spare): the tile's dk and dv rows
+    are read here instead."""
+    i_b = i_bkh // Hkv
+    i_hk = i_bkh % Hkv
+    Hq = Hkv * G
+    start_n = i_n * BN
+    i_kb = start_n // BK
+    offs_d = tl.arange(0, BLOCK_D)
+    m_d = offs_d < HEAD_DIM
+    p_dkt = p_dk + i_bkh * Skv * HEAD_DIM
+    p_dvt = p_dv + i_bkh * Skv * HEAD_DIM
+    for key in range(start_n, tl.minimum(start_n + BN, Skv)):
+        sk = tl.load(p_dkt + key * HEAD_DIM + offs_d, mask=m_d, other=0.0)
+        sv = tl.load(p_dvt + key * HEAD_DIM + offs_d, mask=m_d, other=0.0)
+        if tl.max(tl.where((sk != sk) | (sv != sv), 1, 0), 0) > 0:
+            k_row = tl.load(p_k + i_b * s_kb + i_hk * s_kh + key * s_ks + offs_d, mask=m_d, other=0.0)
+            v_row = tl.load(p_v + i_b * s_vb + i_hk * s_vh + key * s_vs + offs_d, mask=m_d, other=0.0)
+            k_row = k_row.to(tl.float32)
+            v_row = v_row.to(tl.float32)
+            dk = tl.zeros([BLOCK_D], tl.float32)
+            dv = tl.zeros([BLOCK_D], tl.float32)
+            for g in range(0, G):
+                i_h = i_hk * G + g
+                q_base = p_q + i_b * s_qb + i_h * s_qh
+                do_base = p_do + i_b * s_dob + i_h * s_doh
+                r_base = (i_b * Hq + i_h) * Sq
+                o_n = i_b * s_nb + i_h * s_nh + i_kb * s_nk
+                o_i = i_b * s_ib + i_h * s_ih + i_kb * s_ik
+                n_part = tl.load(p_qn + o_n)
+                n_full = tl.load(p_fqn + o_n)
+                for t in range(0, n_part + n_full):
+                    slot = -1
+                    if t < n_part:
+                        i_qb = tl.load(p_qi + o_i + t)
+                        if HAS_BITS:
+                            slot = tl.load(p_slot + o_i + t)
+                    else:
+                        i_qb = tl.load(p_fqi + o_i + t - n_part)
+                    for sub in range(0, BQ // FIX_BM):
+                        offs_m = i_qb * BQ + sub * FIX_BM + tl.arange(0, FIX_BM)
+                        m_m = offs_m < Sq
+                        m_md = m_m[:, None] & m_d[None, :]
+                        b_q = tl.load(q_base + offs_m[:, None] * s_qs + offs_d[None, :], mask=m_md,
+                                      other=0.0).to(tl.float32)
+                        b_do = tl.load(do_base + offs_m[:, None] * s_dos + offs_d[None, :], mask=m_md,
+                                       other=0.0).to(tl.float32)
+                        lse2, delta = _row_stats(p_lse + r_base, p_delta + r_base, offs_m, m_m)
+                        allowed = _col_mask(offs_m, key, Sq, Skv, slot, p_bits, BQ, BK, IS_CAUSAL, HAS_BITS)
+                        dk, dv = _kv_row_step(dk, dv, k_row, v_row, b_q, b_do, lse2, delta, allowed, qk_scale)
+            tl.store(p_dkt + key * HEAD_DIM + offs_d, (dk * sm_scale).to(p_dk.dtype.element_ty), mask=m_d)
+            tl.store(p_dvt + key * HEAD_DIM + offs_d, dv.to(p_dv.dtype.element_ty), mask=m_d)
+
+
+@triton.jit
+def _attn_fix_kernel(p_q, p_k, p_v, p_o, p_lse, p_kvn, p_kvi, p_fkvn, p_fkvi, p_bits, p_slot, p_flag,
+                     Sq, Skv, Hq, G, qk_scale,
+                     s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ob, s_oh, s_os,
+                     s_nb, s_nh, s_nq, s_ib, s_ih, s_iq,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BITS: tl.constexpr):
+    """After ``_attn_fwd_kernel``, on its grid and with its arguments: the rows of a query tile whose o
+    holds a NaN, recomputed exactly (o and lse), where that program recorded a NaN in ``p_flag``; BN keys
+    a step."""
+    _fix_q_tile(tl.program_id(0), tl.program_id(1), tl.num_programs(0), p_q, p_k, p_v, p_q, p_lse, p_lse, p_o, p_lse,
+                p_kvn, p_kvi, p_fkvn, p_fkvi, p_bits, p_slot, p_flag, Sq, Skv, Hq, G, qk_scale, 1.0,
+                s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, 0, 0, 0, s_ob, s_oh, s_os,
+                s_nb, s_nh, s_nq, s_ib, s_ih, s_iq, HEAD_DIM, BLOCK_D, BQ, BK, BM, BN, IS_CAUSAL, HAS_BITS, False)
+
+
+@triton.jit
+def _attn_bwd_fix_kernel(p_q, p_k, p_v, p_do, p_lse, p_delta, p_dq, p_dk, p_dv, p_kvn, p_kvi, p_fkvn, p_fkvi, p_kslot,
+                         p_qn, p_qi, p_fqn, p_fqi, p_qslot, p_bits,
+                         Sq, Skv, Hq, Hkv, G, NQH, n_m, n_n, qk_scale, sm_scale,
+                         s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_dob, s_doh, s_dos,
+                         s_nb, s_nh, s_nq, s_ib, s_ih, s_iq, s_tb, s_th, s_tk, s_jb, s_jh, s_jk,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, FIX_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                         HAS_BITS: tl.constexpr):
+    """After the backward kernels, one launch for both: programs ``(i, j)`` with ``j < NQH`` (= B * Hq) are the dQ
+    kernel's (query tile ``i < n_m`` of ``BM`` rows; rows fixed as ``_fix_q_tile``), the others the dK/dV kernel's
+    (kv tile ``i < n_n`` of ``BN`` keys of ``j - NQH``; keys fixed as ``_fix_kv_tile``). Pointers and strides as in
+    those kernels: the forward lists (``s_n*``, ``s_i*``; slots p_kslot) and the transposed ones (``s_t*``,
+    ``s_j*``; slots p_qslot); dq/dk/dv contiguous. FIX_N keys (queries) a step."""
+    i = tl.program_id(0)
+    j = tl.program_id(1)
+    if j < NQH:
+        if i < n_m:
+            _fix_q_tile(i, j, n_m, p_q, p_k, p_v, p_do, p_lse, p_delta, p_dq, p_lse, p_kvn, p_kvi, p_fkvn, p_fkvi,
+                        p_bits, p_kslot, p_kslot, Sq, Skv, Hq, G, qk_scale, sm_scale,
+                        s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_dob, s_doh, s_dos,
+                        Hq * Sq * HEAD_DIM, Sq * HEAD_DIM, HEAD_DIM, s_nb, s_nh, s_nq, s_ib, s_ih, s_iq,
+                        HEAD_DIM, BLOCK_D, BQ, BK, BM, FIX_N, IS_CAUSAL, HAS_BITS, True)
+    else:
+        if i < n_n:
+            _fix_kv_tile(i, j - NQH, p_q, p_k, p_v, p_do, p_lse, p_delta, p_dk, p_dv, p_qn, p_qi, p_fqn, p_fqi,
+                         p_bits, p_qslot, Sq, Skv, Hkv, G, qk_scale, sm_scale,
+                         s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_dob, s_doh, s_dos,
+                         s_tb, s_th, s_tk, s_jb, s_jh, s_jk, HEAD_DIM, BLOCK_D, BQ, BK, BN, FIX_N, IS_CAUSAL,
+                         HAS_BITS)
+
+
+# --------------------------------------------------------------------------------------------------
 # configs
 
 
@@ -413,6 +722,11 @@ class AttnBwdConfig:
 
 
 INTERPRET_CONFIG = AttnConfig(BM=64, BN=64)
+# The fix-up kernels (rare: rows that hold a NaN): keys (queries) per step, warps and a register cap. Their
+# query (kv) tiles are the fast kernels'. The cap lets ptxas use registers instead of trading a few spills
+# for occupancy, which a kernel that is idle but for its flag check does not need. Under the interpreter,
+# whose cost is per step, a step takes a whole 64-key block.
+FIX_BN, FIX_WARPS, FIX_MAXNREG = (64 if INTERPRET else 16), 4, 255
 _D256_DQ = AttnConfig(32, 16, 8, 1)
 _D256_DKV = AttnConfig(16, 32, 4, 1)
 INTERPRET_BWD_CONFIG = AttnBwdConfig(dq=INTERPRET_CONFIG, dkv=INTERPRET_CONFIG)
@@ -552,14 +866,22 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask,
     slot = tensors[4] if has_bits else kvi
     bits = block_mask.partial_bits if has_bits else kvi
     grid = (triton.cdiv(Sq, cfg.BM), B * Hq)
+    flag = torch.empty(grid[0] * grid[1], dtype=torch.int32, device=q.device)
+    is_causal = bool(causal or block_mask.causal)
     with on_device(q):
         _attn_fwd_kernel[grid](
-            q, k, v, o, lse, kvn, kvi, fkvn, fkvi, bits, slot, Sq, Skv, Hq, Hq // Hkv, float(scale) * LOG2E,
+            q, k, v, o, lse, kvn, kvi, fkvn, fkvi, bits, slot, flag, Sq, Skv, Hq, Hq // Hkv, float(scale) * LOG2E,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), *sn, *si,
             HEAD_DIM=D, BLOCK_D=_block_dim(D), BQ=BQ, BK=BK, BM=cfg.BM, BN=cfg.BN,
-            IS_CAUSAL=bool(causal or block_mask.causal), HAS_BITS=has_bits, PRECISION=_precision(q.dtype),
+            IS_CAUSAL=is_causal, HAS_BITS=has_bits, PRECISION=_precision(q.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _attn_fix_kernel[grid](  # rows that hold a NaN, recomputed exactly; at once done elsewhere
+            q, k, v, o, lse, kvn, kvi, fkvn, fkvi, bits, slot, flag, Sq, Skv, Hq, Hq // Hkv, float(scale) * LOG2E,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), *sn, *si,
+            HEAD_DIM=D, BLOCK_D=_block_dim(D), BQ=BQ, BK=BK, BM=cfg.BM, BN=FIX_BN, IS_CAUSAL=is_causal,
+            HAS_BITS=has_bits, num_warps=FIX_WARPS, num_stages=1, maxnreg=FIX_MAXNREG)
     return o, lse
 
 
@@ -595,17 +917,25 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                                  block_mask.full_kv_indices, block_mask.kv_bits_slot if has_bits else None, B, Hq)
         kvn, fkvn, kvi, fkvi = tensors[:4]
         bits = block_mask.partial_bits if has_bits else kvi
-        _attn_bwd_dq_kernel[(triton.cdiv(Sq, cq.BM), B * Hq)](
-            q, k, v, do, lse, delta, dq, kvn, kvi, fkvn, fkvi, bits, tensors[4] if has_bits else kvi,
+        slot = tensors[4] if has_bits else kvi
+        n_m, n_n = triton.cdiv(Sq, cq.BM), triton.cdiv(Skv, ckv.BN)
+        _attn_bwd_dq_kernel[(n_m, B * Hq)](
+            q, k, v, do, lse, delta, dq, kvn, kvi, fkvn, fkvi, bits, slot,
             Sq, Skv, Hq, Hq // Hkv, qk_scale, float(scale), *strides, *sn, *si,
             BM=cq.BM, BN=cq.BN, num_warps=cq.num_warps, num_stages=cq.num_stages, **flags)
-        tensors, sn, si = _lists(block_mask.q_num_blocks, block_mask.q_indices, block_mask.full_q_num_blocks,
+        tensors, tn, ti = _lists(block_mask.q_num_blocks, block_mask.q_indices, block_mask.full_q_num_blocks,
                                  block_mask.full_q_indices, block_mask.q_bits_slot if has_bits else None, B, Hq)
         qn, fqn, qi, fqi = tensors[:4]
-        _attn_bwd_dkv_kernel[(triton.cdiv(Skv, ckv.BN), B * Hkv)](
-            q, k, v, do, lse, delta, dk, dv, qn, qi, fqn, fqi, bits, tensors[4] if has_bits else qi,
-            Sq, Skv, Hkv, Hq // Hkv, qk_scale, float(scale), *strides, *sn, *si,
+        qslot = tensors[4] if has_bits else qi
+        _attn_bwd_dkv_kernel[(n_n, B * Hkv)](
+            q, k, v, do, lse, delta, dk, dv, qn, qi, fqn, fqi, bits, qslot,
+            Sq, Skv, Hkv, Hq // Hkv, qk_scale, float(scale), *strides, *tn, *ti,
             BM=ckv.BM, BN=ckv.BN, num_warps=ckv.num_warps, num_stages=ckv.num_stages, **flags)
+        _attn_bwd_fix_kernel[(max(n_m, n_n), B * Hq + B * Hkv)](  # rows that hold a NaN; at once done elsewhere
+            q, k, v, do, lse, delta, dq, dk, dv, kvn, kvi, fkvn, fkvi, slot, qn, qi, fqn, fqi, qslot, bits,
+            Sq, Skv, Hq, Hkv, Hq // Hkv, B * Hq, n_m, n_n, qk_scale, float(scale), *strides, *sn, *si,
+            *tn, *ti, BM=cq.BM, BN=ckv.BN, FIX_N=FIX_BN, num_warps=FIX_WARPS, num_stages=1, maxnreg=FIX_MAXNREG,
+            **{k_: v_ for k_, v_ in flags.items() if k_ != "PRECISION"})
     return dq, dk, dv
 
 
@@ -620,8 +950,14 @@ _INT_ARGS = {
            "s_dob", "s_doh", "s_dos", "s_nb", "s_nh", "s_nq", "s_ib", "s_ih", "s_iq"),
     "dkv": ("Sq", "Skv", "Hkv", "G", "s_qb", "s_qh", "s_qs", "s_kb", "s_kh", "s_ks", "s_vb", "s_vh", "s_vs",
             "s_dob", "s_doh", "s_dos", "s_nb", "s_nh", "s_nk", "s_ib", "s_ih", "s_ik"),
+    "fix": ("Sq", "Skv", "Hq", "G", "s_qb", "s_qh", "s_qs", "s_kb", "s_kh", "s_ks", "s_vb", "s_vh", "s_vs",
+            "s_ob", "s_oh", "s_os", "s_nb", "s_nh", "s_nq", "s_ib", "s_ih", "s_iq"),
+    "bwd_fix": ("Sq", "Skv", "Hq", "Hkv", "G", "NQH", "n_m", "n_n", "s_qb", "s_qh", "s_qs", "s_kb", "s_kh", "s_ks",
+                "s_vb", "s_vh", "s_vs", "s_dob", "s_doh", "s_dos", "s_nb", "s_nh", "s_nq", "s_ib", "s_ih", "s_iq",
+                "s_tb", "s_th", "s_tk", "s_jb", "s_jh", "s_jk"),
 }
-_KERNELS = {"fwd": _attn_fwd_kernel, "dq": _attn_bwd_dq_kernel, "dkv": _attn_bwd_dkv_kernel}
+_KERNELS = {"fwd": _attn_fwd_kernel, "dq": _attn_bwd_dq_kernel, "dkv": _attn_bwd_dkv_kernel,
+            "fix": _attn_fix_kernel, "bwd_fix": _attn_bwd_fix_kernel}
 
 
 def _signature(kname: str, dtype: torch.dtype) -> dict[str, str]:
@@ -630,14 +966,24 @@ def _signature(kname: str, dtype: torch.dtype) -> dict[str, str]:
         sig = {"p_q": ptr, "p_k": ptr, "p_v": ptr, "p_o": ptr, "p_lse": "*fp32"}
     elif kname == "dq":
         sig = {"p_q": ptr, "p_k": ptr, "p_v": ptr, "p_do": ptr, "p_lse": "*fp32", "p_delta": "*fp32", "p_dq": ptr}
+    elif kname == "fix":
+        sig = {"p_q": ptr, "p_k": ptr, "p_v": ptr, "p_o": ptr, "p_lse": "*fp32"}
+    elif kname == "bwd_fix":
+        sig = {"p_q": ptr, "p_k": ptr, "p_v": ptr, "p_do": ptr, "p_lse": "*fp32", "p_delta": "*fp32", "p_dq": ptr,
+               "p_dk": ptr, "p_dv": ptr, "p_kslot": "*i32", "p_qslot": "*i32",
+               **dict.fromkeys(("p_qn", "p_qi", "p_fqn", "p_fqi"), "*i32")}
     else:
         sig = {"p_q": ptr, "p_k": ptr, "p_v": ptr, "p_do": ptr, "p_lse": "*fp32", "p_delta": "*fp32",
                "p_dk": ptr, "p_dv": ptr}
     mask = ("p_kvn", "p_kvi", "p_fkvn", "p_fkvi") if kname != "dkv" else ("p_qn", "p_qi", "p_fqn", "p_fqi")
     sig.update(dict.fromkeys((*mask, "p_bits", "p_slot"), "*i32"))
+    if kname in ("fwd", "fix"):
+        sig["p_flag"] = "*i32"
+    if kname == "bwd_fix":
+        del sig["p_slot"]  # the backward fix-up takes the slots of both list directions
     sig.update(dict.fromkeys(_INT_ARGS[kname], "i32"))
     sig["qk_scale"] = "fp32"
-    if kname != "fwd":
+    if kname not in ("fwd", "fix"):
         sig["sm_scale"] = "fp32"
     return sig
 
@@ -661,8 +1007,8 @@ def _variant(kname: str, dtype: torch.dtype, D: int, causal: bool, bits: bool, b
 def compile_variants():
     """Every kernel at its default config for: fp16 at D 64/128 with every (causal, bitmask) pair (ragged
     and aligned launches); each other head dim, bf16 and fp32 (as TF32 and as 3xTF32) with causal + bitmask
-    (the superset of the code); mask blocks 64 x 64, 128 x 64 and 64 x 128 (tiles clamped); and the
-    interpreter's config."""
+    (the superset of the code); mask blocks 64 x 64, 128 x 64 and 64 x 128 (tiles clamped); the
+    interpreter's config; and the fix-up kernel."""
     for kname in ("fwd", "dq", "dkv"):
         def cfg_of(D, dtype, bits, precision="tf32", block=(128, 128), kname=kname):
             if kname == "fwd":
@@ -690,3 +1036,17 @@ def compile_variants():
                                     cfg_of(D, torch.float16, True, "tf32", block), "tf32", False)
         if kname == "fwd":  # the backward kernels' interpreter tiles are their block-64 configs' shape
             yield from _variant(kname, torch.float16, 64, True, True, (64, 64), INTERPRET_CONFIG, "tf32", False)
+    # The fix-up kernels (vector code, no dot) of the forward and of the backward: every head dim in fp16,
+    # the widest in bf16 and fp32, with causal + bitmask (the superset of their code), 128 x 128 blocks.
+    for dtype, dims in ((torch.float16, (32, 64, 96, 128, 256)), (torch.bfloat16, (128, 256)),
+                        (torch.float32, (128, 256))):
+        for D in dims:
+            base = {"HEAD_DIM": D, "BLOCK_D": _block_dim(D), "BQ": 128, "BK": 128, "IS_CAUSAL": True,
+                    "HAS_BITS": True}
+            for kname, const in (("fix", {**base, "BM": 128, "BN": FIX_BN}),
+                                 ("bwd_fix", {**base, "BM": 64, "BN": 64, "FIX_N": FIX_BN})):
+                label = f"attention.{kname} {str(dtype)[6:]} D{D} N{FIX_BN} w{FIX_WARPS}"
+                sig = _signature(kname, dtype)
+                yield from specializations(label, _KERNELS[kname], sig, const,
+                                           {"num_warps": FIX_WARPS, "num_stages": 1, "maxnreg": FIX_MAXNREG},
+                                           tuple(u for u in ("s_qs", "s_ks", "s_vs", "s_os", "s_dos") if u in sig))

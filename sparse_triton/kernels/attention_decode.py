@@ -36,6 +36,15 @@ loads' alignment is stated by hints instead (the launcher copies any q/k/v that 
 
 Rows with no allowed key give ``o = 0``, ``lse = -inf`` (the online softmax and the merge both guard
 ``m = -inf``). Scores are scaled by ``scale * log2(e)`` once and exponentiated with ``exp2``.
+
+Non-finite inputs follow the prefill kernels' rule (``kernels/attention.py``): a NaN or inf in k or v at
+a key a query cannot see never reaches it, one at a key it can see does as the dense formula says.
+Masked scores are selected to ``-inf``, so a masked key's value can only leak through ``P @ V`` (``0 *
+inf``), which leaves a NaN in the split's output, and the merge adds nothing from a split without keys
+(``lse = -inf``) and keeps a NaN lse NaN. The split kernel is unchanged by this: the merge, after
+folding, recomputes each query row whose columns hold a NaN, one row at a time with vector code that
+adds a key's ``p * v`` only where the pair is allowed (``_exact_row``; rare, and the merge's registers
+are few, so the fast split kernel keeps its own budget).
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ import triton.language as tl
 
 from .._env import TRITON_INTERPRET as INTERPRET
 from ._launch import on_device, specializations, tf32_enabled
+from .attention import _final_lse
 
 __all__ = ["DECODE_MAX_Q", "DecodeConfig", "attention_decode", "compile_variants", "heuristic_config",
            "pick_splits", "supported"]
@@ -205,9 +215,8 @@ def _decode_split_kernel(p_q, p_k, p_v, p_fn, p_fi, p_pn, p_pi, p_slot, p_bits, 
         b_s = tl.where(m_s, b_s, float("-inf"))
         m_i, l_i, acc = _softmax_pv(b_s, m_i, l_i, acc, p_vb, o_k, m_k, m_d, stride_vs, BLOCK_D, PRECISION)
 
-    empty = l_i == 0.0
-    b_o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    b_lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    b_o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a NaN l (NaN or +inf score) keeps the row NaN
+    b_lse = _final_lse(m_i, l_i, 1.0)  # log2 units, for the merge
     # Workspace row of (batch, head h_r, split, query q_r).
     o_w = ((i_b.to(tl.int64) * (NHG * PACK) + h_r) * NUM_SPLITS + i_s) * Sq + q_r  # [BLOCK_M]
     tl.store(p_wl + o_w, b_lse, mask=m_r)
@@ -218,15 +227,81 @@ def _decode_split_kernel(p_q, p_k, p_v, p_fn, p_fi, p_pn, p_pi, p_slot, p_bits, 
 MERGE_BLOCK_D = 32  # every supported head dim is a multiple of 32: no D mask in the merge
 
 
-@triton.jit(do_not_specialize=("Sq", "D", "NUM_SPLITS"),
-            do_not_specialize_on_alignment=("p_wo", "p_wl", "p_o", "p_lse"))
-def _decode_merge_kernel(p_wo, p_wl, p_o, p_lse, Sq, D, NUM_SPLITS, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Fold the splits of one (batch, query head) by log-sum-exp, ``BLOCK_D`` columns per program.
+FIX_N = 16  # keys per step of the merge's exact recompute of a row that holds a NaN
+_MERGE_INTS = ("Sq", "Skv", "D", "NUM_SPLITS", "Hq", "G", "LOG_BK", "causal", "has_bits")
+_MERGE_STRIDES = ("stride_qb", "stride_qh", "stride_qs", "stride_kb", "stride_kh", "stride_ks", "stride_vb",
+                  "stride_vh", "stride_vs", "stride_nb", "stride_nh", "stride_ib", "stride_ih", "stride_bp",
+                  "stride_br")
+_MERGE_PTRS = ("p_wo", "p_wl", "p_o", "p_lse", "p_q", "p_k", "p_v", "p_fn", "p_fi", "p_pn", "p_pi", "p_slot", "p_bits")
+
+
+@triton.jit
+def _exact_row(p_q, p_k, p_v, p_fn, p_fi, p_pn, p_pi, p_slot, p_bits, off_n, off_i, qpos, o_d, Skv, D, LOG_BK,
+               qk_scale, is_causal, has_bits, stride_ks, stride_vs, stride_bp, stride_br,
+               BLOCK_D: tl.constexpr, FIX_N: tl.constexpr):
+    """``(acc [BLOCK_D], m, l)`` of the online softmax of the query at ``p_q`` (its position ``qpos``) over
+    its allowed keys (the full, then the partial list), for the columns ``o_d`` of V: vector code, exact
+    for inf and NaN (a NaN score makes the running max NaN; a key adds ``p * v`` only where allowed)."""
+    BK = 1 << LOG_BK
+    n_full = tl.load(p_fn + off_n)
+    n_all = n_full + tl.load(p_pn + off_n)
+    k_max = tl.where(is_causal, tl.minimum(qpos, Skv - 1), Skv - 1)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    m_i = float("-inf")
+    l_i = 0.0
+    for t in range(0, n_all):
+        is_p = t >= n_full
+        slot = -1
+        if is_p:
+            blk = tl.load(p_pi + off_i + t - n_full)
+            if has_bits != 0:
+                slot = tl.load(p_slot + off_i + t - n_full)
+        else:
+            blk = tl.load(p_fi + off_i + t)
+        for k0 in range(0, BK, FIX_N):
+            o_kk = k0 + tl.arange(0, FIX_N)  # key within its block
+            o_k = (blk << LOG_BK) + o_kk  # [FIX_N]
+            allowed = o_k <= k_max
+            words = tl.load(p_bits + slot * stride_bp + qpos * stride_br + (o_kk >> 5), mask=(o_kk * 0 + slot) >= 0,
+                            other=-1)
+            allowed = allowed & (((words >> (o_kk & 31)) & 1) != 0)
+            p_kr = p_k + o_k.to(tl.int64) * stride_ks
+            s = tl.zeros([FIX_N], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):  # the score over all of D, BLOCK_D columns at a time
+                o_c = d0 + tl.arange(0, BLOCK_D)
+                b_k = tl.load(p_kr[:, None] + o_c[None, :], mask=allowed[:, None], other=0.0).to(tl.float32)
+                s += tl.sum(b_k * tl.load(p_q + o_c).to(tl.float32)[None, :], 1)
+            s = tl.where(allowed, s * qk_scale, float("-inf"))
+            s_max = tl.where(tl.max(tl.where(s != s, 1, 0), 0) > 0, float("nan"), tl.max(s, 0))
+            m_new = tl.maximum(m_i, s_max, propagate_nan=tl.PropagateNan.ALL)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use)
+            l_i = l_i * alpha + tl.sum(p, 0)
+            b_v = tl.load(p_v + o_k.to(tl.int64)[:, None] * stride_vs + o_d[None, :], mask=allowed[:, None],
+                          other=0.0).to(tl.float32)  # [FIX_N, BLOCK_D]
+            acc = acc * alpha + tl.sum(tl.where(allowed[:, None], p[:, None] * b_v, 0.0), 0)
+            m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit(do_not_specialize=_MERGE_INTS + _MERGE_STRIDES, do_not_specialize_on_alignment=_MERGE_PTRS)
+def _decode_merge_kernel(p_wo, p_wl, p_o, p_lse, p_q, p_k, p_v, p_fn, p_fi, p_pn, p_pi, p_slot, p_bits,
+                         Sq, Skv, D, NUM_SPLITS, Hq, G, LOG_BK, qk_scale, causal, has_bits,
+                         stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh,
+                         stride_vs, stride_nb, stride_nh, stride_ib, stride_ih, stride_bp, stride_br,
+                         BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, FIX_N: tl.constexpr):
+    """Fold the splits of one (batch, query head) by log-sum-exp, ``BLOCK_D`` columns per program; then
+    recompute, exactly, each query row whose folded columns hold a NaN.
 
     p_wo: fp32 ``[B * Hq, NUM_SPLITS, Sq, D]``, p_wl: fp32 base-2 lse ``[B * Hq, NUM_SPLITS, Sq]``
     (from ``_decode_split_kernel``); p_o: contiguous output ``[B * Hq, Sq, D]`` in q's dtype, p_lse:
     fp32 ``[B * Hq, Sq]``, natural log (written by the first column block). D is a multiple of
     BLOCK_D; all four are fresh allocations (16-byte aligned). Grid: (B * Hq, D // BLOCK_D).
+    For the recompute (rare: a masked key's inf/NaN v leaked into a split through ``0 * inf``, or the
+    formula gives NaN; every leak leaves a NaN) the split kernel's inputs: q, k, v, the mask lists and
+    bitmasks with their strides (as in ``_decode_split_kernel``), ``Hq``, ``G = Hq // Hkv``,
+    ``LOG_BK``, ``qk_scale`` (log2 units) and the 0/1 flags ``causal``, ``has_bits``.
     """
     i_bh = tl.program_id(0).to(tl.int64)
     i_d = tl.program_id(1)
@@ -242,22 +317,40 @@ def _decode_merge_kernel(p_wo, p_wl, p_o, p_lse, Sq, D, NUM_SPLITS, BLOCK_Q: tl.
         b_lse = tl.load(p_wl + o_w, mask=m_q, other=float("-inf"))
         p_wr = tl.multiple_of(p_wo + o_w * D_, 16)
         b_o = tl.load(p_wr[:, None] + o_d[None, :], mask=m_q[:, None], other=0.0)  # [BLOCK_Q, BLOCK_D]
-        m_new = tl.maximum(m_i, b_lse)
+        m_new = tl.maximum(m_i, b_lse, propagate_nan=tl.PropagateNan.ALL)  # a NaN lse stays NaN
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # every split so far empty: no NaN
         alpha = tl.exp2(m_i - m_use)
         w = tl.exp2(b_lse - m_use)
         l_i = l_i * alpha + w
-        acc = acc * alpha[:, None] + w[:, None] * b_o
+        # a split without keys (lse = -inf) adds nothing: selected, not multiplied by w = 0
+        acc = acc * alpha[:, None] + tl.where((b_lse == float("-inf"))[:, None], 0.0, w[:, None] * b_o)
         m_i = m_new
         o_w += Sq
-    empty = l_i == 0.0
-    b_o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    b_o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_out = i_bh * Sq + o_q
     p_or = tl.multiple_of(p_o + o_out * D_, 16)
     tl.store(p_or[:, None] + o_d[None, :], b_o.to(p_o.dtype.element_ty), mask=m_q[:, None])
     if i_d == 0:
-        b_lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-        tl.store(p_lse + o_out, b_lse, mask=m_q)
+        tl.store(p_lse + o_out, _final_lse(m_i, l_i, 0.6931471805599453), mask=m_q)
+
+    row_nan = tl.max(tl.where(m_q[:, None] & (b_o != b_o), 1, 0), 1)  # [BLOCK_Q]
+    if tl.max(row_nan, 0) > 0:
+        i_b = i_bh // Hq
+        i_h = i_bh % Hq
+        off_n = i_b * stride_nb + i_h * stride_nh  # the mask's B/H strides are 0 where it broadcasts
+        off_i = i_b * stride_ib + i_h * stride_ih
+        p_kh = p_k + i_b * stride_kb + (i_h // G) * stride_kh
+        p_vh = p_v + i_b * stride_vb + (i_h // G) * stride_vh
+        for qpos in range(0, Sq):
+            if tl.sum(tl.where(o_q == qpos, row_nan, 0), 0) > 0:
+                acc_r, m_r, l_r = _exact_row(p_q + i_b * stride_qb + i_h * stride_qh + qpos * stride_qs, p_kh, p_vh,
+                                             p_fn, p_fi, p_pn, p_pi, p_slot, p_bits, off_n, off_i, qpos, o_d, Skv, D,
+                                             LOG_BK, qk_scale, causal != 0, has_bits, stride_ks, stride_vs, stride_bp,
+                                             stride_br, BLOCK_D, FIX_N)
+                out_r = acc_r / tl.where(l_r == 0.0, 1.0, l_r)
+                tl.store(p_o + (i_bh * Sq + qpos) * D_ + o_d, out_r.to(p_o.dtype.element_ty))
+                if i_d == 0:
+                    tl.store(p_lse + i_bh * Sq + qpos, _final_lse(m_r, l_r, 0.6931471805599453))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -491,8 +584,13 @@ def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ma
             bits.stride(0) if bits is not None else 0, bits.stride(1) if bits is not None else 0,
             BLOCK_M=BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        _decode_merge_kernel[(B * Hq, D // MERGE_BLOCK_D)](ws_o, ws_l, o, lse, Sq, D, splits, BLOCK_Q=DECODE_MAX_Q,
-                                                           BLOCK_D=MERGE_BLOCK_D, num_warps=1)
+        _decode_merge_kernel[(B * Hq, D // MERGE_BLOCK_D)](
+            ws_o, ws_l, o, lse, q, k, v, fn, fi, pn, pi, pi if slot is None else slot, pi if bits is None else bits,
+            Sq, Skv, D, splits, Hq, G, BK.bit_length() - 1, scale * _LOG2E, int(is_causal), int(slot is not None),
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), *_index_strides(fn), *_index_strides(fi),
+            bits.stride(0) if bits is not None else 0, bits.stride(1) if bits is not None else 0,
+            BLOCK_Q=DECODE_MAX_Q, BLOCK_D=MERGE_BLOCK_D, FIX_N=FIX_N, num_warps=1)
     return o, lse
 
 
@@ -530,7 +628,9 @@ def compile_variants():
             yield from _launched(specializations(label, _decode_split_kernel, sig, const,
                                                  {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
     for dtype, ptr in _PTR.items():
-        sig = {"p_wo": "*fp32", "p_wl": "*fp32", "p_o": ptr, "p_lse": "*fp32", "Sq": "i32", "D": "i32",
-               "NUM_SPLITS": "i32"}
+        sig = {**dict.fromkeys(_MERGE_PTRS, "*i32"), "p_wo": "*fp32", "p_wl": "*fp32", "p_o": ptr, "p_lse": "*fp32",
+               "p_q": ptr, "p_k": ptr, "p_v": ptr, **dict.fromkeys(_MERGE_INTS, "i32"), "qk_scale": "fp32",
+               **dict.fromkeys(_MERGE_STRIDES, "i32")}
         yield from _launched(specializations(f"attention_decode.merge {str(dtype)[6:]}", _decode_merge_kernel, sig,
-                                             {"BLOCK_Q": DECODE_MAX_Q, "BLOCK_D": MERGE_BLOCK_D}, {"num_warps": 1}))
+                                             {"BLOCK_Q": DECODE_MAX_Q, "BLOCK_D": MERGE_BLOCK_D, "FIX_N": FIX_N},
+                                             {"num_warps": 1}))

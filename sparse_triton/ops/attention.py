@@ -140,6 +140,8 @@ def _check(q, k, v, block_mask, scale, causal, where: str) -> None:
         raise ValueError(f"{where}: head dim D={D} is not supported (supported: {kernel.HEAD_DIMS})")
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"{where}: scale must be a float or None, got {type(scale).__name__}")
+    if scale is not None and not -float("inf") < scale < float("inf"):  # NaN fails both comparisons
+        raise ValueError(f"{where}: scale must be finite, got {scale}")
     check_bool(causal, "causal", where)
 
 

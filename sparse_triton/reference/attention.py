@@ -8,6 +8,11 @@ for small shapes, tests and the CPU path.
 * GQA: query head ``h`` reads kv head ``h // (Hq // Hkv)``; ``dk``/``dv`` sum over those query heads.
 * Effective causal = ``causal or block_mask.causal``: the element rule ``k <= q`` (top-left aligned).
 * A query row with no allowed key gives ``o = 0``, ``lse = -inf`` and zero gradients (never NaN).
+* Non-finite values: a key a query cannot see is not in that query's sum at all, so a NaN or inf in its
+  ``k`` or ``v`` reaches neither the query's ``o``/``lse`` nor its ``dq``, nor ``dk``/``dv`` of other keys
+  (``softmax(S) @ V`` with the masked weights set to 0 would give ``0 * NaN = NaN``). A non-finite value
+  at a key the query can see reaches it as the dense formula over the allowed keys says (NaN for NaN,
+  inf where that formula gives inf). The products run through :func:`._masked.masked_matmul`.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
+
+from ._masked import masked_matmul
 
 if TYPE_CHECKING:
     from ..formats.block_mask import BlockMask
@@ -68,6 +75,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, element_m
 
     q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]``, element_mask bool broadcastable to ``[B, Hq, Sq, Skv]``
     (None = all allowed). Rows with no allowed key: o = 0, lse = -inf. Differentiable, NaN-free gradients.
+    Keys outside the mask never reach a row, even where k or v holds NaN or inf (module docstring).
 
     >>> q = k = v = torch.randn(1, 2, 4, 8)
     >>> o, lse = dense_attention(q, k, v, torch.ones(4, 4, dtype=torch.bool).tril())
@@ -84,14 +92,14 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, element_m
         vc = vc.repeat_interleave(Hq // Hkv, dim=1)
     s = (qc @ kc.transpose(-1, -2)) * float(scale)  # [B, Hq, Sq, Skv]
     if element_mask is not None:
-        s = s.masked_fill(~element_mask, float("-inf"))
+        s = s.masked_fill(~element_mask, float("-inf"))  # a NaN score of a masked key goes too
     # Empty rows (no allowed key) get a finite stand-in score 0 for the log-sum-exp and lse = -inf after,
     # so neither o, lse nor their gradients ever see exp(-inf + inf) = NaN.
     nonempty = (s != float("-inf")).any(-1)  # [B, Hq, Sq]
     lse = torch.logsumexp(torch.where(nonempty.unsqueeze(-1), s, torch.zeros_like(s)), dim=-1)
     lse_safe = torch.where(nonempty, lse, torch.zeros_like(lse))
     p = torch.exp(s - lse_safe.unsqueeze(-1))  # exactly 0 where s = -inf
-    o = p @ vc
+    o = masked_matmul(p, vc, element_mask)  # not p @ v: 0 * (a NaN in v at a masked key) = NaN
     return o, torch.where(nonempty, lse, torch.full_like(lse, float("-inf")))
 
 
@@ -160,15 +168,19 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     vr = vc.repeat_interleave(g, dim=1) if g > 1 else vc
     oc, lse_c = dense_attention(qc, kc, vc, allowed, scale)
     s = (qc @ kr.transpose(-1, -2)) * scale
-    finite = torch.isfinite(lse_c)
-    p = torch.exp(s - torch.where(finite, lse_c, torch.zeros_like(lse_c)).unsqueeze(-1))
+    # The forward's p: against lse, or 0 for a row without keys (an lse of +inf or NaN, from a +inf or NaN
+    # score at an allowed key, gives the forward's NaN and zeros as it did there)
+    nonempty = lse_c != float("-inf")
+    p = torch.exp(s - torch.where(nonempty, lse_c, torch.zeros_like(lse_c)).unsqueeze(-1))
     p = p.masked_fill(~allowed, 0.0)  # exact zeros outside the mask and on empty rows
-    dv = p.transpose(-1, -2) @ doc  # [B, Hq, Skv, D]
-    dp = doc @ vr.transpose(-1, -2)  # [B, Hq, Sq, Skv]
+    allowed_t = allowed.transpose(-1, -2)
+    dv = masked_matmul(p.transpose(-1, -2), doc, allowed_t)  # [B, Hq, Skv, D]
+    # A NaN or inf in v at a masked key makes dp NaN there: masked out before it meets p = 0.
+    dp = (doc @ vr.transpose(-1, -2)).masked_fill(~allowed, 0.0)  # [B, Hq, Sq, Skv]
     delta = (doc * oc).sum(-1, keepdim=True)  # [B, Hq, Sq, 1]
     ds = p * (dp - delta)
-    dq = (ds @ kr) * scale
-    dk = (ds.transpose(-1, -2) @ qc) * scale  # [B, Hq, Skv, D]
+    dq = masked_matmul(ds, kr, allowed) * scale  # a non-finite k at a masked key stays out of dq
+    dk = masked_matmul(ds.transpose(-1, -2), qc, allowed_t) * scale  # [B, Hq, Skv, D]
     if g > 1:
         dk = dk.reshape(B, Hkv, g, Skv, D).sum(2)
         dv = dv.reshape(B, Hkv, g, Skv, D).sum(2)
