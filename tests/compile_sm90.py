@@ -5,8 +5,13 @@ the interpreter accepts code the GPU compiler rejects (tl.dot with K < 16, loop-
 non-constexpr globals), so this is the check that the kernels really build. Each kernel module in
 ``sparse_triton.kernels`` lists its variants in ``compile_variants()``, each as a ragged and an aligned
 launch specialization (``sparse_triton/kernels/_launch.py``). Fails on any compile error or
-on shared memory above the H100 per-block limit, or on any spill (a local-memory load or store in
-the SASS).
+on shared memory above the H100 per-block limit, on every supported Triton.
+
+Spills (local-memory loads or stores in the SASS) fail the check on the Triton the GPU machines run
+(``TUNED_TRITON``), for which the kernels' tiles were chosen by compile sweeps. Another Triton generates
+different code for the same tile (Triton 3.8 holds more values live in some attention tiles), so there a
+spill is a performance fact about that version, not a build failure: it is listed as ``SPILL`` with its
+counts and summed at the end (``--strict-spills`` fails on it there too).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 H100_SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
+TUNED_TRITON = "3.6"  # the GPU machines' Triton (major.minor): the tiles are spill-free for its code
 
 
 def _variants():
@@ -80,26 +86,38 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("-k", default="", help="only variants whose label contains this string")
+    parser.add_argument("--strict-spills", action="store_true",
+                        help=f"fail on spills with any Triton (default: only with Triton {TUNED_TRITON})")
     args = parser.parse_args()
+    import triton
+
+    version = ".".join(triton.__version__.split(".")[:2])
+    strict = args.strict_spills or version == TUNED_TRITON
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("compile_sm90: unset TRITON_INTERPRET; the check needs the real compiler", file=sys.stderr)
         return 2
     keys = [k for k in _variants() if args.k in k[2]]
     t0 = time.perf_counter()
-    failures = 0
+    failures = spilled = 0
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         for label, res, secs, err in pool.map(_compile_one, keys):
             if err is None and res["SHARED"] > H100_SMEM_LIMIT:
                 err = f"shared memory {res['SHARED']} B > H100 limit {H100_SMEM_LIMIT} B"
+            spill = None
             if err is None and res["LOCAL_OPS"]:
-                err = f"spills: {res['LOCAL_OPS']} local-memory instructions (REG:{res['REG']}, STACK:{res['STACK']})"
+                spill = f"spills: {res['LOCAL_OPS']} local-memory instructions (REG:{res['REG']}, STACK:{res['STACK']})"
+                if strict:
+                    err = spill
             if err is not None:
                 failures += 1
                 print(f"FAIL {label}: {err}")
+            elif spill is not None:
+                spilled += 1
+                print(f"SPILL {label}: {spill} (triton {triton.__version__}; tiles are tuned for {TUNED_TRITON})")
             else:
                 print(f"ok   {label}  REG:{res['REG']} shared={res['SHARED']} B  {secs:.1f}s")
-    print(f"compile_sm90: {len(keys) - failures} passed, {failures} failed "
-          f"({len(keys)} variants in {time.perf_counter() - t0:.0f}s)")
+    print(f"compile_sm90 (triton {triton.__version__}): {len(keys) - failures} passed, {failures} failed, "
+          f"{spilled} spilling ({len(keys)} variants in {time.perf_counter() - t0:.0f}s)")
     return 1 if failures or not keys else 0
 
 

@@ -509,14 +509,51 @@ def test_act_ops_follow_the_rule(device):
     assert_close(y1, y0.double(), I_, scale=max(1.0, h.abs().max().item()))  # products h * w_down
 
 
-def test_act_dense_path_is_the_masked_formula(device):
-    """Documented exception (``act_sparse_linear``'s docstring, README): the masked dense product, here for a
-    weight not stored input-major, reads every weight row and gives ``F.linear(x * (|x| > t), W)``, whose
-    ``0 * inf`` is NaN; the kernel path on the same values keeps the rows where the poison is inactive."""
-    x, t, w_t, poison, clean = _act_case(5, 64, 48, torch.float32, device, seed=5)
+@pytest.mark.parametrize("rows", [5, 70], ids=["row-major", "past-64-rows"])
+def test_act_dense_path_follows_the_rule(rows, device):
+    """The masked dense product (a weight not stored input-major; more rows than the kernels take) follows
+    the same rule: ``F.linear(x * (|x| > t), W)`` would be NaN in every row here (``0 * inf``)."""
+    x, t, w_t, poison, clean = _act_case(rows, 64, 48, torch.float32, device, seed=5)
     w_bad = poison(w_t).t().contiguous()  # [N, K] row-major: not input-major
-    y = st.act_sparse_linear(x, w_bad, t)
     formula = torch.nn.functional.linear(AR.masked(x, torch.tensor(t, device=device)), w_bad)
-    _same_nonfinite(y, formula, "dense")
-    assert y.isnan().all(-1).all()  # every row meets a poisoned inactive input
-    assert st.act_sparse_linear(x, ops_act.input_major(w_bad), t)[clean].isfinite().all()
+    assert formula.isnan().all()
+    want = AR.act_sparse_matmul(x.double(), w_bad.double(), torch.tensor(t))
+    for w in (w_bad, ops_act.input_major(w_bad)):
+        y = st.act_sparse_linear(x, w, t)
+        _same_nonfinite(y, want, "dense")
+        assert y[clean].isfinite().all()
+        fin = want.isfinite()
+        assert_close(y[fin], want[fin], 64)
+
+
+def test_act_fix_up_runs_only_for_weights_not_known_finite(device, monkeypatch):
+    """A weight found finite (once per version) skips the kernels' fix-up launch; a write that bumps the
+    version, or clear_weight_cache after a ``.data`` write, brings it back."""
+    from sparse_triton.kernels import act_sparse as K
+    from sparse_triton.ops import _prepared
+
+    launches = []
+    real = K._fix
+    monkeypatch.setattr(K, "_fix", lambda *a, **k: (launches.append(1), real(*a, **k))[1])
+    x, t, w_t, poison, clean = _act_case(5, 64, 48, torch.float32, device, seed=5)
+    w = ops_act.input_major(w_t.t().contiguous())
+    assert K.INTERPRET_CONFIG.BM > 1  # multi-row tiles: the union rule, where a leak can be
+    y = st.act_sparse_linear(x, w, t)
+    assert launches == []  # finite weight: no fix-up
+    want = AR.act_sparse_matmul(x.double(), w.double(), torch.tensor(t))
+    assert_close(y, want, 64)
+    with torch.no_grad():
+        w.copy_(poison(w_t).t())  # in place: a new version
+    y = st.act_sparse_linear(x, w, t)
+    assert launches, "the fix-up must run for a weight holding inf/NaN"
+    _same_nonfinite(y, AR.act_sparse_matmul(x.double(), w.double(), torch.tensor(t)), "after a poisoning write")
+    with torch.no_grad():
+        w.copy_(w_t.t())
+    launches.clear()
+    st.act_sparse_linear(x, w, t)
+    assert launches == []
+    w.data.copy_(poison(w_t).t())  # invisible to the version counter: the documented clear_weight_cache
+    _prepared.clear_weight_cache(w)
+    _same_nonfinite(st.act_sparse_linear(x, w, t), AR.act_sparse_matmul(x.double(), w.double(), torch.tensor(t)),
+                    "after clear_weight_cache")
+    assert launches

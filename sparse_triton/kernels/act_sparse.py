@@ -24,7 +24,9 @@ of inputs active only in other rows, and ``0 * inf`` would leak into it; such a 
 NaN in the row. So after a BM > 1 launch, ``_act_sparse_fix_kernel`` reads the output once and, only
 for a row that holds a NaN (a leak, or a NaN the rule gives), recomputes it reading only the weight rows
 of its own active inputs. In a kernel of its own that rare code costs the fast kernels nothing (their
-code is as it was); the price is one small launch and one read of the output. The reference
+code is as it was); the price is one small launch and one read of the output, paid only where the
+caller does not know the weight to be finite (``exact=True``: the ops check each weight once per
+version and pass ``exact=False`` for a finite one, where no leak can happen). The reference
 (``reference/act_sparse.py``) computes the same rule. The gate's ReLU keeps a NaN NaN (torch.relu does).
 
 **Parallelism.** Decode GEMVs have few output tiles, so the reduction over K is split across
@@ -329,8 +331,10 @@ INTERPRET_CONFIG = ActSparseConfig(BM=16, BN=128, BK=128)
 FIX_BN, FIX_BK, FIX_WARPS, FIX_MAXNREG = 128, 32, 4, 255
 
 # (BN, BK, warps) of the broadcast-sum tiles: the largest that compile without spills on sm_90 for the
-# ragged launch of both kernels (gate/up holds two accumulators) in every dtype.
-_SUM_TILES = {1: (128, 32, 8), 2: (64, 32, 4), 4: (64, 16, 4), 8: (32, 16, 4)}
+# ragged launch of both kernels (gate/up holds two accumulators) in every dtype, with the ptxas of every
+# supported Triton (at 4 warps, Triton 3.8's ptxas 12.9 spills the fp16 BM = 2 and 4 tiles; 8 warps hold
+# them in 80 / 64 registers).
+_SUM_TILES = {1: (128, 32, 8), 2: (64, 32, 8), 4: (64, 16, 8), 8: (32, 16, 4)}
 _MAX_SPLIT = 32
 _WAVES = 2
 
@@ -441,7 +445,7 @@ def _config(config: ActSparseConfig | None, M: int, N: int, K: int, dtype: torch
     return INTERPRET_CONFIG if INTERPRET else heuristic(M, N, K, dtype)
 
 
-def _launch_mm(x, w, idx, threshold, bias, out, N, G, stride_wk, stride_ik, nm, cfg):
+def _launch_mm(x, w, idx, threshold, bias, out, N, G, stride_wk, stride_ik, nm, cfg, exact):
     M, K = x.shape
     if M == 0 or N == 0:
         return out
@@ -463,7 +467,7 @@ def _launch_mm(x, w, idx, threshold, bias, out, N, G, stride_wk, stride_ik, nm, 
             out.stride(0), PER_CHANNEL=per_channel, USE_WS=n_split > 1, USE_DOT=cfg.USE_DOT, BM=cfg.BM,
             BN=cfg.BN, BK=cfg.BK, NM_N=n, NM_M=m, BITS=index_bits(m) if m else 1,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        if cfg.BM > 1:
+        if exact and cfg.BM > 1:
             _fix(x, w, w, idx, t, per_channel, bias, out, N, G, stride_wk, stride_ik, nm, False, 0)
     return out
 
@@ -484,11 +488,13 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def act_sparse_mm(x: torch.Tensor, weight_t: torch.Tensor, threshold: torch.Tensor,
                   bias: torch.Tensor | None = None, config: ActSparseConfig | None = None,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, exact: bool = True) -> torch.Tensor:
     """``y[M, N] = (x * (|x| > t)) @ weight_t (+ bias)``.
 
     x: ``[M, K]``; weight_t: input-major ``[K, N]`` (unit column stride); threshold: fp32 ``[]`` or
     ``[K]`` (>= 0, validated by the caller); bias ``[N]`` or None. Returns ``[M, N]`` in x's dtype.
+    ``exact=False``: the caller knows the weight holds only finite values, so the union rule cannot leak
+    ``0 * inf`` into a row and the fix-up launch after a multi-row tile is skipped.
     """
     x, weight_t = _rows(x), _rows(weight_t)
     M, K = x.shape
@@ -496,12 +502,13 @@ def act_sparse_mm(x: torch.Tensor, weight_t: torch.Tensor, threshold: torch.Tens
     cfg = _config(config, M, N, K, x.dtype)
     if out is None:
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    return _launch_mm(x, weight_t, weight_t, threshold, bias, out, N, 0, weight_t.stride(0), 0, (0, 0), cfg)
+    return _launch_mm(x, weight_t, weight_t, threshold, bias, out, N, 0, weight_t.stride(0), 0, (0, 0), cfg, exact)
 
 
 def act_sparse_nm_mm(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int, N: int,
                      threshold: torch.Tensor, bias: torch.Tensor | None = None,
-                     config: ActSparseConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                     config: ActSparseConfig | None = None, out: torch.Tensor | None = None,
+                     exact: bool = True) -> torch.Tensor:
     """As :func:`act_sparse_mm` with ``Wt[K, N]`` n:m compressed along N: ``values[K, S]`` and packed
     ``indices[K, Wd]`` (an :class:`~sparse_triton.NMTensor` of ``W^T``). ``m`` a power of two <= 16 and
     a divisor of the config's BN."""
@@ -514,16 +521,16 @@ def act_sparse_nm_mm(x: torch.Tensor, values: torch.Tensor, indices: torch.Tenso
     if out is None:
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     return _launch_mm(x, values, indices, threshold, bias, out, N, triton.cdiv(N, m), values.stride(0),
-                      indices.stride(0), (n, m), cfg)
+                      indices.stride(0), (n, m), cfg, exact)
 
 
 def act_sparse_gate_up(x: torch.Tensor, wg_t: torch.Tensor, wu_t: torch.Tensor, threshold: torch.Tensor,
                        activation: str = "silu", config: ActSparseConfig | None = None,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
+                       out: torch.Tensor | None = None, exact: bool = True) -> torch.Tensor:
     """``h[M, I] = act(xs @ wg_t) * (xs @ wu_t)``, ``xs = x * (|x| > t)``, in one launch.
 
     x: ``[M, K]``; wg_t, wu_t: input-major ``[K, I]`` with equal strides; activation: ``silu``,
-    ``relu`` or ``relu2``. Returns ``[M, I]`` in x's dtype.
+    ``relu`` or ``relu2``. Returns ``[M, I]`` in x's dtype. ``exact`` as in :func:`act_sparse_mm`.
     """
     x, wg_t, wu_t = _rows(x), _rows(wg_t), _rows(wu_t)
     if wg_t.stride() != wu_t.stride():
@@ -549,7 +556,7 @@ def act_sparse_gate_up(x: torch.Tensor, wg_t: torch.Tensor, wu_t: torch.Tensor, 
             x, wg_t, wu_t, t, out, ws, cnt, M, N, K, per, n_split, x.stride(0), wg_t.stride(0), out.stride(0),
             PER_CHANNEL=per_channel, USE_WS=n_split > 1, USE_DOT=cfg.USE_DOT, ACT=ACT_CODES[activation],
             BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        if cfg.BM > 1:
+        if exact and cfg.BM > 1:
             _fix(x, wg_t, wu_t, wg_t, t, per_channel, None, out, N, 0, wg_t.stride(0), 0, (0, 0), True,
                  ACT_CODES[activation])
     return out

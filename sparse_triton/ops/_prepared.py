@@ -26,6 +26,10 @@ Never kept: forms of tensors without a version counter (made under ``torch.infer
 built during CUDA-graph capture; nothing cached is read during a capture either, so a captured graph
 rebuilds the form from the weight on every replay and always sees its current values.
 
+Facts (:func:`weight_fact`) follow the same rule: a host-side fact about a weight, such as "every value
+is finite" (:func:`known_finite`, which lets the activation-sparse paths skip their exact handling of
+non-finite weights), computed with one host sync per weight version.
+
 Memory: a dense form costs the dense weight's bytes. It exists only for weights whose tuned winner at
 some token count is the dense implementation (large-M prefill or training shapes, exact fp32); an entry
 goes away with its ``values`` tensor, and :func:`clear_weight_cache` drops forms on demand.
@@ -44,6 +48,8 @@ from ..formats.nm import NMTensor
 _lock = threading.Lock()
 # id(values) -> (weakref to values, stamp, {kind: form}, storages of values and indices)
 _forms: dict[int, tuple[weakref.ref, tuple, dict[str, torch.Tensor], frozenset]] = {}
+# the same for host-side facts about a weight (weight_fact): id(values) -> (ref, stamp, {kind: bool}, storages)
+_facts: dict[int, tuple[weakref.ref, tuple, dict[str, bool], frozenset]] = {}
 _optimizer_steps = 0
 _step_hook = None
 
@@ -77,12 +83,14 @@ def _storage(t: torch.Tensor) -> tuple | None:
     return (t.device, ptr) if ptr else None
 
 
-def _drop(ident: int) -> Callable[[weakref.ref], None]:
+def _drop(ident: int, table: dict | None = None) -> Callable[[weakref.ref], None]:
+    table = _forms if table is None else table
+
     def callback(_ref: weakref.ref) -> None:
         with _lock:
-            entry = _forms.get(ident)
+            entry = table.get(ident)
             if entry is not None and entry[0]() is None:
-                del _forms[ident]
+                del table[ident]
     return callback
 
 
@@ -115,6 +123,49 @@ def prepared(values: torch.Tensor, indices: torch.Tensor | None, kind: str,
     return form
 
 
+def weight_fact(values: torch.Tensor, kind: str, compute: Callable[[], bool]) -> bool | None:
+    """A host-side fact about a weight (``compute()``, e.g. "every value is finite"), kept like a form:
+    computed once per version (``compute`` may sync the host) and dropped by :func:`clear_weight_cache`.
+
+    Unlike a form, a kept fact is also read during CUDA-graph capture: the graph freezes the decision
+    taken from it (warm up before capturing, as for tuning). ``None`` where nothing is known and nothing
+    may be computed: while tracing under ``torch.compile``, during a capture with nothing kept, and for
+    tensors without a version counter (made under ``torch.inference_mode``). Callers then take the path
+    that is right whatever the fact.
+    """
+    if torch.compiler.is_compiling():
+        return None
+    sv = _stamp(values)
+    if sv is None:
+        return None
+    trainable = values.requires_grad
+    if trainable and _step_hook is None:
+        _watch_optimizer_steps()
+    stamp = (sv, _optimizer_steps if trainable else None)
+    ident = id(values)
+    with _lock:
+        entry = _facts.get(ident)
+        if entry is not None and entry[0]() is values and entry[1] == stamp and kind in entry[2]:
+            return entry[2][kind]
+    if values.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    fact = bool(compute())
+    storages = frozenset(s for s in (_storage(values),) if s)
+    with _lock:
+        entry = _facts.get(ident)
+        if entry is None or entry[0]() is not values or entry[1] != stamp:
+            entry = (weakref.ref(values, _drop(ident, _facts)), stamp, {}, storages)
+            _facts[ident] = entry
+        entry[2][kind] = fact
+    return fact
+
+
+def known_finite(*weights: torch.Tensor) -> bool:
+    """Whether every weight is known to hold only finite values (:func:`weight_fact`; one host sync per
+    weight version). False when unknown: the caller takes its exact path for non-finite weights."""
+    return all(weight_fact(w, "finite", lambda w=w: torch.isfinite(w).all()) is True for w in weights)
+
+
 def _storages_of(obj, where: str) -> set:
     if isinstance(obj, torch.Tensor):
         tensors = [obj]
@@ -128,7 +179,8 @@ def _storages_of(obj, where: str) -> set:
 
 
 def clear_weight_cache(*weights) -> None:
-    """Drop prepared weight forms (dense copies, cuSPARSELt packings); they rebuild on their next use.
+    """Drop prepared weight forms (dense copies, cuSPARSELt packings) and kept facts (finiteness); they
+    rebuild on their next use.
 
     weights: nothing, to drop every form; or tensors, :class:`~sparse_triton.NMTensor` s and modules, to
     drop the forms built from them (every parameter and buffer of a module; a tensor matches any form whose
@@ -143,13 +195,15 @@ def clear_weight_cache(*weights) -> None:
     if not weights:
         with _lock:
             _forms.clear()
+            _facts.clear()
         return
     storages: set = set()
     for w in weights:
         storages |= _storages_of(w, "clear_weight_cache")
     with _lock:
-        for ident in [i for i, e in _forms.items() if e[3] & storages]:
-            del _forms[ident]
+        for table in (_forms, _facts):
+            for ident in [i for i, e in table.items() if e[3] & storages]:
+                del table[ident]
 
 
 def cached_forms() -> int:

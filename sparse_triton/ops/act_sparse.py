@@ -27,6 +27,7 @@ from ..reference import act_sparse as reference
 from ..tuning.tuner import default_tuner
 from . import act_sparse_tuning as tuned
 from ._dispatch import use_kernels
+from ._prepared import known_finite
 from .nm_linear import _check_bias, _check_input
 
 NM_KERNEL_M = (2, 4, 8, 16)
@@ -65,12 +66,12 @@ def act_sparse_linear_fwd(x: torch.Tensor, weight: torch.Tensor, threshold: torc
     """``y[M, N] = (x * (|x| > t))[M, K] @ weight[N, K]^T (+ bias)``; t fp32 ``[]`` or ``[K]``."""
     if not _kernels_for(x) or not _is_input_major(weight):
         if use_kernels(x):  # past the union rule's range, or not input-major: dense on the masked input
-            return tuned.run_mm(tuned.DENSE, x, weight.t(), threshold, bias)
+            return tuned.run_mm(tuned.DENSE, x, weight.t(), threshold, bias, finite=known_finite(weight))
         return reference.act_sparse_matmul(x, weight, threshold, bias)
     wt = weight.t()
     key = tuned.fwd_key(x, wt.shape[1], wt.shape[0], bias is not None, threshold)
     cand = default_tuner().choose(tuned.FWD, key, x.device)
-    return tuned.run_mm(cand, x, wt, threshold, bias)
+    return tuned.run_mm(cand, x, wt, threshold, bias, finite=known_finite(weight))
 
 
 @act_sparse_linear_fwd.register_fake
@@ -85,12 +86,13 @@ def act_sparse_nm_linear_fwd(x: torch.Tensor, values: torch.Tensor, indices: tor
     if m not in NM_KERNEL_M or not use_kernels(x):
         w_t = NMTensor(values, indices, (x.shape[1], N), n, m)
         return reference.act_sparse_nm_matmul(x, w_t, threshold, bias)
+    finite = known_finite(values)
     values, indices = values.contiguous(), indices.contiguous()
     if not _kernels_for(x):
-        return tuned.run_nm_mm(tuned.DENSE, x, values, indices, n, m, N, threshold, bias)
+        return tuned.run_nm_mm(tuned.DENSE, x, values, indices, n, m, N, threshold, bias, finite=finite)
     key = tuned.nm_fwd_key(x, n, m, N, x.shape[1], bias is not None, threshold)
     cand = default_tuner().choose(tuned.NM_FWD, key, x.device)
-    return tuned.run_nm_mm(cand, x, values, indices, n, m, N, threshold, bias)
+    return tuned.run_nm_mm(cand, x, values, indices, n, m, N, threshold, bias, finite=finite)
 
 
 @act_sparse_nm_linear_fwd.register_fake
@@ -126,23 +128,24 @@ def _(dy, x, threshold):
 def act_sparse_mlp_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                        threshold_in: torch.Tensor, threshold_mid: torch.Tensor, activation: str) -> torch.Tensor:
     """``down(masked(act(gate(xs)) * up(xs), t_mid))`` with ``xs = masked(x, t_in)``; weights ``[out, in]``."""
-    if not _kernels_for(x):
-        if use_kernels(x):
-            h = tuned.run_gate_up(tuned.DENSE, x, w_gate.t(), w_up.t(), threshold_in, activation)
-            return tuned.run_mm(tuned.DENSE, h, w_down.t(), threshold_mid, None)
+    if not use_kernels(x):
         return reference.act_sparse_mlp(x, w_gate, w_up, w_down, threshold_in, threshold_mid, activation)
+    finite_in, finite_down = known_finite(w_gate, w_up), known_finite(w_down)
+    if not _kernels_for(x):
+        h = tuned.run_gate_up(tuned.DENSE, x, w_gate.t(), w_up.t(), threshold_in, activation, finite=finite_in)
+        return tuned.run_mm(tuned.DENSE, h, w_down.t(), threshold_mid, None, finite=finite_down)
     # Each projection runs a kernel if its weight is stored input-major, else the masked dense product.
     wg_t, wu_t, wd_t = w_gate.t(), w_up.t(), w_down.t()
     cand = tuned.DENSE
     if _is_input_major(w_gate) and _is_input_major(w_up):
         key = tuned.gate_up_key(x, wg_t.shape[1], wg_t.shape[0], activation, threshold_in)
         cand = default_tuner().choose(tuned.GATE_UP, key, x.device)
-    h = tuned.run_gate_up(cand, x, wg_t, wu_t, threshold_in, activation)
+    h = tuned.run_gate_up(cand, x, wg_t, wu_t, threshold_in, activation, finite=finite_in)
     cand = tuned.DENSE
     if _is_input_major(w_down):
         key = tuned.fwd_key(h, wd_t.shape[1], wd_t.shape[0], False, threshold_mid)
         cand = default_tuner().choose(tuned.FWD, key, x.device)
-    return tuned.run_mm(cand, h, wd_t, threshold_mid, None)
+    return tuned.run_mm(cand, h, wd_t, threshold_mid, None, finite=finite_down)
 
 
 @act_sparse_mlp_fwd.register_fake
@@ -312,11 +315,10 @@ def act_sparse_linear(x: torch.Tensor, weight, threshold, bias: torch.Tensor | N
     tuner measured faster for the shape; a weight row is read if its input is active in any row of a tile.
     More rows run dense. CPU tensors run the pure-torch reference.
 
-    Non-finite weights: on the kernels and the CPU reference an inactive input contributes exactly nothing,
-    so an inf or NaN in the weight row of an input inactive in a row never reaches that row (a NaN input
-    is active). The masked dense product (more than 64 rows, a weight not stored input-major, a shape the
-    tuner gave to it) computes ``F.linear(x * (|x| > t), W)`` as such, where that weight gives
-    ``0 * inf = NaN``: it reads every weight row.
+    Non-finite weights: on every path an inactive input contributes exactly nothing, so an inf or NaN in
+    the weight row of an input inactive in a row never reaches that row (where ``F.linear`` would give
+    ``0 * inf = NaN``; a NaN input is active). A weight found finite (checked once per version, one host
+    sync) runs the plain kernels and products; one holding inf/NaN runs their exact forms.
 
     >>> import sparse_triton as st
     >>> x, w = torch.randn(2, 64), torch.randn(32, 64)

@@ -27,6 +27,7 @@ from ..kernels import act_sparse as kernel
 from ..kernels import nm_matmul as nm_kernel
 from ..reference import act_sparse as reference
 from ..reference import nm_matmul as nm_reference
+from ..reference._masked import masked_matmul
 from ..tuning.tables import bucket
 from ..tuning.tuner import Candidate, DeviceLimits, TunableOp, stored_config
 from ._prepared import prepared
@@ -64,12 +65,27 @@ def dense_weight_t(values: torch.Tensor, indices: torch.Tensor, n: int, m: int, 
 # ------------------------------------------------------------------------------------------ implementations
 
 
+def _dense_exact(x, weight_t, threshold, bias, out):
+    """The dense product where a weight may hold inf/NaN: an inactive input adds nothing (``0 * inf`` is
+    not NaN here), with no host sync; a few extra products, for the rare non-finite weight."""
+    y = masked_matmul(x, weight_t, reference.active(x, threshold.to(torch.float32)))
+    y = y if bias is None else y + bias
+    return y if out is None else out.copy_(y)
+
+
 def run_mm(cand: Candidate, x: torch.Tensor, weight_t: torch.Tensor, threshold: torch.Tensor,
-           bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``(x * (|x| > t)) @ weight_t (+ bias)`` with implementation ``cand``; weight_t ``[K, N]``."""
+           bias: torch.Tensor | None, out: torch.Tensor | None = None, finite: bool = False) -> torch.Tensor:
+    """``(x * (|x| > t)) @ weight_t (+ bias)`` with implementation ``cand``; weight_t ``[K, N]``.
+
+    Every implementation follows one rule for non-finite weights: an inactive input contributes nothing.
+    ``finite``: the caller knows the weight holds only finite values (``_prepared.known_finite`` of the
+    weight it was given, once per version), where the plain products are exact under that rule; else the
+    kernels run their fix-up and the dense product its exact form."""
     if cand.impl == "triton":
-        return kernel.act_sparse_mm(x, weight_t, threshold, bias, config=cand.config, out=out)
+        return kernel.act_sparse_mm(x, weight_t, threshold, bias, config=cand.config, out=out, exact=not finite)
     if cand.impl == "dense":
+        if not finite:
+            return _dense_exact(x, weight_t, threshold, bias, out)
         xm = masked_input(x, threshold)
         if bias is None:
             return torch.mm(xm, weight_t) if out is None else torch.mm(xm, weight_t, out=out)
@@ -79,21 +95,29 @@ def run_mm(cand: Candidate, x: torch.Tensor, weight_t: torch.Tensor, threshold: 
 
 def run_nm_mm(cand: Candidate, x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int,
               N: int, threshold: torch.Tensor, bias: torch.Tensor | None,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, finite: bool = False) -> torch.Tensor:
     """As :func:`run_mm` with the input-major weight N:M compressed along N."""
     if cand.impl == "triton":
-        return kernel.act_sparse_nm_mm(x, values, indices, n, m, N, threshold, bias, config=cand.config, out=out)
+        return kernel.act_sparse_nm_mm(x, values, indices, n, m, N, threshold, bias, config=cand.config, out=out,
+                                       exact=not finite)
     if cand.impl == "dense":
-        return run_mm(DENSE, x, dense_weight_t(values, indices, n, m, N), threshold, bias, out=out)
+        return run_mm(DENSE, x, dense_weight_t(values, indices, n, m, N), threshold, bias, out=out, finite=finite)
     raise ValueError(f"act_sparse_nm_linear_fwd: unknown implementation {cand.impl!r}")
 
 
 def run_gate_up(cand: Candidate, x: torch.Tensor, wg_t: torch.Tensor, wu_t: torch.Tensor,
-                threshold: torch.Tensor, activation: str, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``act(xs @ wg_t) * (xs @ wu_t)`` with implementation ``cand``."""
+                threshold: torch.Tensor, activation: str, out: torch.Tensor | None = None,
+                finite: bool = False) -> torch.Tensor:
+    """``act(xs @ wg_t) * (xs @ wu_t)`` with implementation ``cand`` (non-finite weights and ``finite`` as
+    in :func:`run_mm`)."""
     if cand.impl == "triton":
-        return kernel.act_sparse_gate_up(x, wg_t, wu_t, threshold, activation, config=cand.config, out=out)
+        return kernel.act_sparse_gate_up(x, wg_t, wu_t, threshold, activation, config=cand.config, out=out,
+                                         exact=not finite)
     if cand.impl == "dense":
+        if not finite:
+            h = reference.activate(_dense_exact(x, wg_t, threshold, None, None), activation) * \
+                _dense_exact(x, wu_t, threshold, None, None)
+            return h if out is None else out.copy_(h)
         xm = masked_input(x, threshold)
         h = reference.activate(xm @ wg_t, activation) * (xm @ wu_t)
         return h if out is None else out.copy_(h)
@@ -168,7 +192,9 @@ class ActSparseLinearTunable(_ActSparseTunable):
         return inputs
 
     def run(self, candidate, inputs):
-        return run_mm(candidate, inputs["x"], inputs["w_t"], inputs["t"], inputs["bias"], out=inputs["out"])
+        # random, finite weights: timed on the path a (known) finite weight takes
+        return run_mm(candidate, inputs["x"], inputs["w_t"], inputs["t"], inputs["bias"], out=inputs["out"],
+                      finite=True)
 
     def reference(self, inputs):
         b = inputs["bias"]
@@ -202,7 +228,7 @@ class ActSparseNMLinearTunable(_ActSparseTunable):
 
     def run(self, candidate, inputs):
         return run_nm_mm(candidate, inputs["x"], inputs["values"], inputs["indices"], inputs["n"], inputs["m"],
-                         inputs["N"], inputs["t"], inputs["bias"], out=inputs["out"])
+                         inputs["N"], inputs["t"], inputs["bias"], out=inputs["out"], finite=True)
 
     def reference(self, inputs):
         w_t = NMTensor(inputs["values"].double(), inputs["indices"], (inputs["x"].shape[1], inputs["N"]),
@@ -232,7 +258,7 @@ class ActSparseGateUpTunable(_ActSparseTunable):
 
     def run(self, candidate, inputs):
         return run_gate_up(candidate, inputs["x"], inputs["wg_t"], inputs["wu_t"], inputs["t"], inputs["act"],
-                           out=inputs["out"])
+                           out=inputs["out"], finite=True)
 
     def reference(self, inputs):
         xm = reference.masked(inputs["x"].double(), inputs["t"])
