@@ -40,7 +40,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import check_bool
+from ._checks import check_block_size, check_bool, check_int
 
 __all__ = ["BlockMask", "BlockMaskTensors", "check_block_mask", "pack_bits", "unpack_bits"]
 
@@ -89,26 +89,11 @@ def unpack_bits(bits: torch.Tensor, BK: int) -> torch.Tensor:
     return b.flatten(-2)[..., :BK].bool()
 
 
-def _int(v, name: str, where: str, lo: int = 0) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{where}: {name} must be an int, got {type(v).__name__}")
-    if v < lo:
-        raise ValueError(f"{where}: {name} must be >= {lo}, got {v}")
-    return v
-
-
-def _block_size(block_size, where: str) -> tuple[int, int]:
-    bs = block_size if isinstance(block_size, (tuple, list)) else (block_size, block_size)
-    if len(bs) != 2:
-        raise ValueError(f"{where}: block_size must be an int or a (BQ, BK) pair, got {block_size!r}")
-    return _int(bs[0], "block_size", where, 1), _int(bs[1], "block_size", where, 1)
-
-
 def _seq_lens(seq_len, where: str, name: str = "seq_len") -> tuple[int, int]:
     sl = seq_len if isinstance(seq_len, (tuple, list)) else (seq_len, seq_len)
     if len(sl) != 2:
         raise ValueError(f"{where}: {name} must be an int or an (Sq, Skv) pair, got {seq_len!r}")
-    return _int(sl[0], name, where), _int(sl[1], name, where)
+    return check_int(sl[0], name, where), check_int(sl[1], name, where)
 
 
 def _tile_ranges(Sq, Skv, BQ, BK, device):
@@ -187,7 +172,7 @@ class BlockMask:
                  block_size=128, seq_lens=None, causal=False, partial_bits=None, kv_bits_slot=None,
                  validate=True):
         where = "BlockMask"
-        BQ, BK = _block_size(block_size, where)
+        BQ, BK = check_block_size(block_size, where)
         check_bool(causal, "causal", where)
         check_bool(validate, "validate", where)
         if validate:
@@ -336,7 +321,7 @@ class BlockMask:
         if mask.dim() != 4:
             raise ValueError(f"{where}: mask must be 2-D [NQ, NKV] or 4-D [B, H, NQ, NKV], got shape "
                              f"{tuple(mask.shape)}")
-        BQ, BK = _block_size(block_size, where)
+        BQ, BK = check_block_size(block_size, where)
         NQ, NKV = mask.shape[-2:]
         Sq, Skv = (NQ * BQ, NKV * BK) if seq_lens is None else _seq_lens(seq_lens, where, "seq_lens")
         _check_grid(where, NQ, NKV, Sq, Skv, BQ, BK)
@@ -351,7 +336,7 @@ class BlockMask:
         [[True, False], [True, True]]
         """
         where = "BlockMask.causal"
-        BQ, BK = _block_size(block_size, where)
+        BQ, BK = check_block_size(block_size, where)
         Sq, Skv = _seq_lens(seq_len, where)
         sel = torch.ones(1, 1, -(-Sq // BQ), -(-Skv // BK), dtype=torch.bool, device=device)
         return cls._from_kind(_kind_from_selection(sel, Sq, Skv, BQ, BK, True), None, None, (BQ, BK), (Sq, Skv),
@@ -368,9 +353,9 @@ class BlockMask:
         ([[[0, 0, 0, 0]]], [[[1, 2, 2, 2]]])
         """
         where = "BlockMask.sliding_window"
-        BQ, BK = _block_size(block_size, where)
+        BQ, BK = check_block_size(block_size, where)
         Sq, Skv = _seq_lens(seq_len, where)
-        window = _int(window, "window", where, 1)
+        window = check_int(window, "window", where, 1)
         check_bool(causal, "causal", where)
         q0, q1, k0, k1 = _tile_ranges(Sq, Skv, BQ, BK, device)
         lo, hi = (0, window - 1) if causal else (1 - window, window - 1)  # allowed q - k in [lo, hi]
@@ -397,11 +382,11 @@ class BlockMask:
         [[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1]]
         """
         where = "BlockMask.local_global"
-        BQ, BK = _block_size(block_size, where)
+        BQ, BK = check_block_size(block_size, where)
         Sq, Skv = _seq_lens(seq_len, where)
-        local_blocks = _int(local_blocks, "local_blocks", where)
-        global_blocks = _int(global_blocks, "global_blocks", where)
-        random_blocks = _int(random_blocks, "random_blocks", where)
+        local_blocks = check_int(local_blocks, "local_blocks", where)
+        global_blocks = check_int(global_blocks, "global_blocks", where)
+        random_blocks = check_int(random_blocks, "random_blocks", where)
         check_bool(causal, "causal", where)
         NQ, NKV = -(-Sq // BQ), -(-Skv // BK)
         i = torch.arange(NQ, device=device)[:, None]
@@ -437,7 +422,7 @@ class BlockMask:
         if document_ids.dim() not in (1, 2):
             raise ValueError(f"{where}: document_ids must be [S] or [B, S], got shape {tuple(document_ids.shape)}")
         ids = document_ids.reshape(-1, document_ids.shape[-1]).long()
-        BQ, BK = _block_size(block_size, where)
+        BQ, BK = check_block_size(block_size, where)
         check_bool(causal, "causal", where)
         Bm, S = ids.shape
         NQ, NKV = -(-S // BQ), -(-S // BK)
@@ -485,8 +470,8 @@ class BlockMask:
         if block_scores.dim() != 4:
             raise ValueError(f"{where}: block_scores must be [B, H, NQ, NKV] (or [NQ, NKV]), got shape "
                              f"{tuple(block_scores.shape)}")
-        k = _int(k, "k", where)
-        BQ, BK = _block_size(block_size, where)
+        k = check_int(k, "k", where)
+        BQ, BK = check_block_size(block_size, where)
         check_bool(causal, "causal", where)
         NQ, NKV = block_scores.shape[-2:]
         Sq, Skv = (NQ * BQ, NKV * BK) if seq_lens is None else _seq_lens(seq_lens, where, "seq_lens")
@@ -529,7 +514,7 @@ class BlockMask:
             raise TypeError(f"BlockMask.from_flex: flex_block_mask must be a torch.nn.attention.flex_attention."
                             f"BlockMask, got {type(flex_block_mask).__name__}")
         fbm = flex_block_mask
-        BQ, BK = _block_size(tuple(fbm.BLOCK_SIZE), "BlockMask.from_flex")
+        BQ, BK = check_block_size(tuple(fbm.BLOCK_SIZE), "BlockMask.from_flex")
         Sq, Skv = _seq_lens(tuple(fbm.seq_lengths), "BlockMask.from_flex", "seq_lengths")
         NQ, NKV = -(-Sq // BQ), -(-Skv // BK)
         cnt, idx = fbm.kv_num_blocks[..., :NQ], fbm.kv_indices[..., :NQ, :]

@@ -34,7 +34,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..formats._checks import check_bool
+from ..formats._checks import check_block_size, check_bool, check_int
 from ..formats.block_mask import BlockMask, check_block_mask, pack_bits, unpack_bits
 from ..kernels import block_scores as kernel
 from ..ops._dispatch import use_kernels
@@ -94,21 +94,6 @@ def forced_blocks(nq: int, nkv: int, bq: int, bk: int, diagonal: bool, first: bo
 def _is_flex_block_mask(value) -> bool:
     flex = sys.modules.get("torch.nn.attention.flex_attention")  # loaded wherever such a mask exists
     return flex is not None and isinstance(value, getattr(flex, "BlockMask", ()))
-
-
-def _positive_int(v, name: str, where: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{where}: {name} must be an int, got {type(v).__name__}")
-    if v < 1:
-        raise ValueError(f"{where}: {name} must be >= 1, got {v}")
-    return v
-
-
-def _block_pair(block_size, where: str) -> tuple[int, int]:
-    bs = block_size if isinstance(block_size, (tuple, list)) else (block_size, block_size)
-    if len(bs) != 2:
-        raise ValueError(f"{where}: block_size must be an int or a (BQ, BK) pair, got {block_size!r}")
-    return _positive_int(bs[0], "block_size", where), _positive_int(bs[1], "block_size", where)
 
 
 def query_block(Sq: int, BQ: int, needs_grad: bool) -> int:
@@ -266,8 +251,8 @@ class BandMasks:
 
     def __init__(self, window: int | None, block_size=128, causal: bool = True):
         where = "BandMasks"
-        self.window = None if window is None else _positive_int(window, "window", where)
-        self.block_size = _block_pair(block_size, where)
+        self.window = None if window is None else check_int(window, "window", where, 1)
+        self.block_size = check_block_size(block_size, where)
         self.causal = check_bool(causal, "causal", where)
 
     def __call__(self, Sq: int, Skv: int, device) -> BlockMask:
